@@ -1,0 +1,32 @@
+"""gradcam: where an image classifier looked.
+
+Grad-CAM (Selvaraju et al., ICCV 2017) on any PyTorch vision model, exact and with the model left
+exactly as found.
+
+    >>> import gradcam
+    >>> loaded = gradcam.models.load("efficientnet-lite0")
+    >>> batch = loaded.preprocess(gradcam.io.load_image("examples/cat.png"))[None]
+    >>> explanation = gradcam.GradCAM(loaded.module)(batch)
+"""
+
+from gradcam import io, methods, models, viz
+from gradcam.errors import GradCAMError, ImageLoadError
+from gradcam.explanation import Explanation
+from gradcam.layers import LayerInfo, find_layer, list_layers
+from gradcam.methods import GradCAM
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Explanation",
+    "GradCAM",
+    "GradCAMError",
+    "ImageLoadError",
+    "LayerInfo",
+    "find_layer",
+    "io",
+    "list_layers",
+    "methods",
+    "models",
+    "viz",
+]

@@ -1,0 +1,139 @@
+"""Call-scoped capture of layer activations with a head-only autograd graph.
+
+One forward pass runs with gradient recording switched off until the first target layer has produced
+its output. That output becomes a fresh leaf tensor ``A`` that requires grad, and recording is switched
+on from there, so the autograd graph covers only the network *after* the target layer(s) and no
+parameter gradient is ever computed. The forward then continues on a *clone* of ``A``: a following
+in-place operation (``nn.ReLU(inplace=True)``, ``F.relu_``) rewrites the clone, never the activation we
+keep, which stays exactly the layer's output as the layer produced it.
+
+Everything the call touches on the user's model is restored on exit, also when the forward raises:
+each module's train/eval flag (the forward runs in eval mode), and the hooks, which live only inside
+the ``with`` block. Parameters' ``requires_grad`` and ``.grad`` are never touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gradcam.errors import GradCAMError
+
+
+def _module_names(model: nn.Module) -> dict[nn.Module, str]:
+    names: dict[nn.Module, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        names.setdefault(module, name)
+    return names
+
+
+def resolve_module(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Module]:
+    """Return ``(qualified name, module)`` for a layer given by name or as a module of ``model``."""
+    if isinstance(layer, nn.Module):
+        name = _module_names(model).get(layer)
+        if name is None:
+            raise GradCAMError(f"layer {type(layer).__name__} is not a submodule of the model")
+        return name, layer
+    if not isinstance(layer, str):
+        raise GradCAMError(f"layer must be a module name or an nn.Module, got {type(layer).__name__}")
+    modules = dict(model.named_modules())
+    if layer in modules:
+        return layer, modules[layer]
+    candidates = [n for n, m in model.named_modules() if n and not isinstance(m, nn.ModuleList)]
+    shown = ", ".join(candidates[-8:][::-1])
+    more = " ..." if len(candidates) > 8 else ""
+    raise GradCAMError(f"layer '{layer}' not found; candidates (last first): {shown}{more}")
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Put every module in eval mode for the block, then restore each module's own flag."""
+    flags = [(module, module.training) for module in model.modules()]
+    try:
+        model.eval()
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
+
+
+@dataclass
+class Capture:
+    """What one forward pass captured: the layers' activations (graph roots) and the model output."""
+
+    names: list[str]
+    activations: list[torch.Tensor | None] = field(default_factory=list)
+    output: torch.Tensor | None = None
+
+
+def _check_activation(name: str, output: object) -> torch.Tensor:
+    if not isinstance(output, torch.Tensor):
+        raise GradCAMError(f"layer '{name}' returns {type(output).__name__}; expected a 4-D tensor (B,C,h,w)")
+    if output.dim() != 4:
+        raise GradCAMError(
+            f"layer '{name}' outputs shape {tuple(output.shape)}; expected a 4-D tensor (B,C,h,w)"
+        )
+    return output
+
+
+@contextmanager
+def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Iterator[tuple[Capture, object]]:
+    """Hook ``layers`` for one forward pass.
+
+    Yields ``(capture, run)``: call ``run(inputs)`` once inside the block; it returns the model output
+    with the autograd graph rooted at the first captured layer. Inside the block the caller may compute
+    ``torch.autograd.grad(score, capture.activations)``. On exit hooks are removed and the model's
+    train/eval flags and the caller's grad mode are restored.
+    """
+    result = Capture(names=[name for name, _ in layers])
+    result.activations = [None] * len(layers)
+    calls = [0] * len(layers)
+    graph_started = False
+    handles = []
+
+    def make_hook(index: int, name: str):
+        def hook(module: nn.Module, args: object, output: object) -> torch.Tensor:
+            nonlocal graph_started
+            calls[index] += 1
+            if calls[index] > 1:
+                raise GradCAMError(
+                    f"layer '{name}' runs more than once per forward (a shared module); "
+                    "its activation is ambiguous: choose a module that runs once"
+                )
+            activation = _check_activation(name, output)
+            if not graph_started:
+                # Root of the head-only graph: everything before this point ran without recording.
+                activation = activation.detach().requires_grad_(True)
+                torch.set_grad_enabled(True)
+                graph_started = True
+            result.activations[index] = activation
+            return activation.clone()
+
+        return hook
+
+    def run(inputs: torch.Tensor) -> object:
+        with torch.no_grad():
+            output = model(inputs)
+        missing = [n for n, c in zip(result.names, calls, strict=True) if c == 0]
+        if missing:
+            raise GradCAMError(
+                f"layer '{missing[0]}' did not run during the forward pass; "
+                "choose a module that the model calls"
+            )
+        result.output = output
+        return output
+
+    grad_mode = torch.is_grad_enabled()
+    with torch.inference_mode(False), eval_mode(model):
+        try:
+            for index, (name, module) in enumerate(layers):
+                handles.append(module.register_forward_hook(make_hook(index, name)))
+            yield result, run
+        finally:
+            for handle in handles:
+                handle.remove()
+            torch.set_grad_enabled(grad_mode)

@@ -1,0 +1,80 @@
+"""Image loading and validation: any format Pillow reads, as an 8-bit RGB image, or one clear error."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from gradcam.errors import ImageLoadError
+
+#: Images with more pixels than this are refused as likely decompression bombs (Pillow's own default).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited onto white."""
+    if image.mode in _SIXTEEN_BIT:
+        # Pillow's own conversion clips 16-bit values at 255; scale the full range instead.
+        values = np.asarray(image, dtype=np.float64)
+        scaled = np.clip(values / 257.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) / (high - low) * 255 if high > low else np.zeros_like(values)
+        return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def load_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Load an image file as an 8-bit RGB ``PIL.Image``.
+
+    EXIF orientation is applied; grayscale, palette, RGBA, CMYK and 16-bit images are converted
+    to RGB (transparency composited onto white; 16-bit values scaled, not clipped); for animated
+    files the first frame is used. Images with more than ``max_pixels`` pixels are refused before
+    their pixels are decoded.
+
+    Raises:
+        ImageLoadError: the file is missing, empty, truncated, not an image or too large; the
+            message names the file.
+    """
+    file = Path(path)
+    if not file.exists():
+        raise ImageLoadError(f"{file}: no such file")
+    if not file.is_file():
+        raise ImageLoadError(f"{file}: not a file")
+    if file.stat().st_size == 0:
+        raise ImageLoadError(f"{file}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(file) as opened:
+                width, height = opened.size
+                if width * height > max_pixels:
+                    raise ImageLoadError(
+                        f"{file}: {width}x{height} pixels exceeds the limit of {max_pixels} "
+                        "(possible decompression bomb)"
+                    )
+                opened.load()
+                image = ImageOps.exif_transpose(opened)
+                return _to_rgb(image)
+    except ImageLoadError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{file}: not an image file Pillow can read") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageLoadError(f"{file}: image too large (possible decompression bomb)") from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ImageLoadError(f"{file}: corrupt or truncated image ({error})") from None

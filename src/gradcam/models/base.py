@@ -1,0 +1,69 @@
+"""What a loaded model is: the module, its preprocessing, its class names."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+from torchvision.transforms import v2 as T
+from torchvision.transforms.functional import InterpolationMode
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """PIL image -> normalised float tensor (3,H,W), in two steps.
+
+    ``view(image)`` is the geometric part (resize, crop): the picture the model sees, which is what
+    a map must be laid over. ``__call__`` adds conversion to float and normalisation.
+    """
+
+    resize: int | tuple[int, int]
+    crop: int | tuple[int, int] | None
+    mean: Sequence[float]
+    std: Sequence[float]
+    interpolation: InterpolationMode = InterpolationMode.BILINEAR
+
+    def view(self, image: Image.Image) -> Image.Image:
+        """The resized (and cropped) RGB picture the model sees, as a PIL image."""
+        steps: list[T.Transform] = [T.Resize(self.resize, interpolation=self.interpolation)]
+        if self.crop is not None:
+            steps.append(T.CenterCrop(self.crop))
+        return T.Compose(steps)(image.convert("RGB"))
+
+    def frame(self, image: Image.Image) -> Image.Image:
+        """The picture a map registers with: the whole original when nothing is cropped (the map is
+        then resized to it), else the cropped view the model saw."""
+        return image.convert("RGB") if self.crop is None else self.view(image)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        tensor = T.Compose([T.PILToTensor(), T.ToDtype(torch.float32, scale=True)])(self.view(image))
+        return T.Normalize(list(self.mean), list(self.std))(tensor)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the tensors it produces."""
+        final = self.crop if self.crop is not None else self.resize
+        return (final, final) if isinstance(final, int) else (final[0], final[1])
+
+
+@dataclass
+class LoadedModel:
+    """A classifier ready to explain: ``module`` is in eval mode."""
+
+    name: str
+    module: nn.Module
+    preprocess: Preprocess
+    labels: list[str]
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the model's preprocessed inputs."""
+        return self.preprocess.size
+
+    def to(self, device: str | torch.device) -> LoadedModel:
+        """Move the module to ``device`` and return self."""
+        self.module.to(device)
+        return self

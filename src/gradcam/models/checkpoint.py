@@ -1,0 +1,85 @@
+"""Reading user checkpoints and label files safely."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gradcam.errors import GradCAMError
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a state dict with ``weights_only=True`` (no code runs from the file).
+
+    Accepts a bare state dict or one wrapped as ``{"state_dict": ...}`` / ``{"model": ...}``, and
+    strips the ``module.`` prefix that DataParallel and DistributedDataParallel add.
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise GradCAMError(f"weights file {file}: no such file")
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a bad file; all mean the same here
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise GradCAMError(f"weights file {file}: not a loadable state dict ({reason})") from None
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GradCAMError(f"weights file {file}: expected a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def classifier_name(model: nn.Module, num_classes: int) -> str:
+    """Name of the last Linear/Conv2d module producing ``num_classes`` outputs: the classifier."""
+    found = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and module.out_features == num_classes:
+            found = name
+        elif isinstance(module, nn.Conv2d) and module.out_channels == num_classes:
+            found = name
+    if found is None:
+        raise GradCAMError(f"cannot find the classifier layer of {type(model).__name__}")
+    return found
+
+
+def num_classes_in(state: dict[str, torch.Tensor], classifier: str, file: object) -> int:
+    """Number of classes stored in a state dict, read from the classifier's weight."""
+    key = f"{classifier}.weight"
+    if key not in state:
+        raise GradCAMError(f"weights file {file}: no '{key}' entry; is it for this architecture?")
+    return int(state[key].shape[0])
+
+
+def load_into(model: nn.Module, state: dict[str, torch.Tensor], file: object) -> None:
+    """``load_state_dict(strict=True)`` with a one-line error naming what does not fit."""
+    result = model.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing {', '.join(result.missing_keys[:3])}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected {', '.join(result.unexpected_keys[:3])}")
+    if problems:
+        raise GradCAMError(f"weights file {file} does not fit {type(model).__name__}: {'; '.join(problems)}")
+
+
+def read_labels(path: str | os.PathLike[str], num_classes: int | None = None) -> list[str]:
+    """Class names from a text file, one per line (blank lines at the end ignored)."""
+    file = Path(path)
+    if not file.is_file():
+        raise GradCAMError(f"labels file {file}: no such file")
+    try:
+        lines = file.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise GradCAMError(f"labels file {file}: not UTF-8 text") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    labels = [line.strip() for line in lines]
+    if num_classes is not None and len(labels) != num_classes:
+        raise GradCAMError(f"labels file {file} has {len(labels)} names; the model has {num_classes} classes")
+    return labels

@@ -1,0 +1,39 @@
+"""Writing one explanation to disk: overlay PNG, panel PNG, raw map .npy, all written atomically."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from gradcam import viz
+from gradcam.files import save_npy
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a class name: 'Egyptian cat' -> 'egyptian-cat'."""
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40] or "class"
+
+
+def write_explanation(
+    out_dir: Path,
+    stem: str,
+    picture: Image.Image,
+    saliency: torch.Tensor,
+    raw: torch.Tensor,
+    title: str,
+) -> dict[str, str]:
+    """Write ``{stem}_overlay.png``, ``{stem}_panel.png`` and ``{stem}_map.npy`` under ``out_dir``.
+
+    ``picture`` is the image the map registers with; ``saliency`` the normalised (H,W) map; ``raw`` the
+    un-normalised map at the layer's resolution. Returns the written paths by kind.
+    """
+    files = {
+        "overlay": viz.save_png(viz.overlay(picture, saliency), out_dir / f"{stem}_overlay.png"),
+        "panel": viz.save_png(viz.panel(picture, saliency, title), out_dir / f"{stem}_panel.png"),
+        "map": save_npy(raw.numpy().astype(np.float32), out_dir / f"{stem}_map.npy"),
+    }
+    return {kind: str(path) for kind, path in files.items()}

@@ -1,0 +1,70 @@
+"""Turning a caller's target specification into one class index per image."""
+
+from __future__ import annotations
+
+import difflib
+import numbers
+from collections.abc import Sequence
+
+import torch
+
+from gradcam.errors import GradCAMError
+
+TargetSpec = int | Sequence[int] | torch.Tensor | None
+
+
+def resolve(logits: torch.Tensor, targets: TargetSpec) -> torch.Tensor:
+    """Class index per image, as a (B,) long tensor on the logits' device.
+
+    ``None`` picks each image's top-1 class; an int applies to every image; a sequence or 1-D tensor
+    gives one class per image and must have exactly B entries (never silently padded or cut).
+    """
+    batch, num_classes = logits.shape
+    if targets is None:
+        return logits.argmax(dim=1)
+    if isinstance(targets, bool):
+        raise GradCAMError(f"targets must be class indices, got {targets!r}")
+    if isinstance(targets, numbers.Integral):
+        ids = torch.full((batch,), int(targets), dtype=torch.long)
+    elif isinstance(targets, torch.Tensor):
+        if targets.dim() == 0:
+            targets = targets.reshape(1).expand(batch)
+        if targets.dim() != 1 or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+            raise GradCAMError(
+                f"targets tensor must be 1-D integer with {batch} entries, "
+                f"got dtype {targets.dtype} and shape {tuple(targets.shape)}"
+            )
+        ids = targets.detach().to("cpu", torch.long)
+    elif isinstance(targets, Sequence) and not isinstance(targets, str):
+        bad = [t for t in targets if isinstance(t, bool) or not isinstance(t, numbers.Integral)]
+        if bad:
+            raise GradCAMError(f"targets must be integer class indices, got {bad[0]!r}")
+        ids = torch.tensor([int(t) for t in targets], dtype=torch.long)
+    else:
+        raise GradCAMError(
+            f"targets must be None, an int, a sequence of ints or a 1-D tensor, got {type(targets).__name__}"
+        )
+    if ids.numel() != batch:
+        raise GradCAMError(f"got {ids.numel()} targets for a batch of {batch} images; expected {batch}")
+    out_of_range = ids[(ids < 0) | (ids >= num_classes)]
+    if out_of_range.numel():
+        raise GradCAMError(
+            f"target class {int(out_of_range[0])} is out of range; expected 0..{num_classes - 1}"
+        )
+    return ids.to(logits.device)
+
+
+def parse_class(spec: str, labels: Sequence[str]) -> int:
+    """A class given on the command line: an index ("281") or a class name ("tabby", any case)."""
+    text = spec.strip()
+    if text.lstrip("-").isdigit():
+        index = int(text)
+        if not 0 <= index < len(labels):
+            raise GradCAMError(f"target class {index} is out of range; expected 0..{len(labels) - 1}")
+        return index
+    lowered = [label.lower() for label in labels]
+    if text.lower() in lowered:
+        return lowered.index(text.lower())
+    close = difflib.get_close_matches(text.lower(), lowered, n=3, cutoff=0.6)
+    hint = f"; did you mean {', '.join(repr(labels[lowered.index(c)]) for c in close)}?" if close else ""
+    raise GradCAMError(f"target class '{text}' is not a class name or index of this model{hint}")

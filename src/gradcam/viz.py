@@ -1,0 +1,97 @@
+"""Pictures of maps: colormapped heatmaps, overlays, the original | heatmap | overlay panel."""
+
+from __future__ import annotations
+
+import io as _io
+import os
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from gradcam.errors import GradCAMError
+from gradcam.files import atomic_write_bytes
+
+
+def _as_array(saliency: torch.Tensor | np.ndarray) -> np.ndarray:
+    array = saliency.detach().cpu().numpy() if isinstance(saliency, torch.Tensor) else np.asarray(saliency)
+    if array.ndim != 2:
+        raise GradCAMError(f"map must be 2-D (H,W), got shape {array.shape}")
+    return array.astype(np.float32)
+
+
+def _fit(saliency: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a map to ``size`` = (width, height) bilinearly and clip it to [0, 1]."""
+    if (saliency.shape[1], saliency.shape[0]) != size:
+        resized = Image.fromarray(saliency, mode="F").resize(size, Image.Resampling.BILINEAR)
+        saliency = np.asarray(resized, dtype=np.float32)
+    return np.clip(saliency, 0.0, 1.0)
+
+
+def heatmap(saliency: torch.Tensor | np.ndarray, cmap: str = "jet") -> Image.Image:
+    """A map with values in [0, 1] as an RGB image through a matplotlib colormap."""
+    try:
+        colormap = matplotlib.colormaps[cmap]
+    except KeyError:
+        raise GradCAMError(f"colormap '{cmap}' not found; try jet, viridis, inferno, turbo") from None
+    array = np.clip(_as_array(saliency), 0.0, 1.0)
+    rgb = colormap(array)[..., :3]
+    return Image.fromarray((rgb * 255).round().astype(np.uint8), mode="RGB")
+
+
+def overlay(
+    image: Image.Image, saliency: torch.Tensor | np.ndarray, cmap: str = "jet", alpha: float = 0.5
+) -> Image.Image:
+    """Blend a colormapped map over ``image``: (1 - alpha) * image + alpha * colormap(map).
+
+    The map (values in [0, 1]) is resized bilinearly to the image when their sizes differ.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise GradCAMError(f"alpha must be between 0 and 1, got {alpha}")
+    base = image.convert("RGB")
+    heat = heatmap(_fit(_as_array(saliency), base.size), cmap)
+    return Image.blend(base, heat, alpha)
+
+
+def panel(
+    image: Image.Image,
+    saliency: torch.Tensor | np.ndarray,
+    title: str = "",
+    cmap: str = "jet",
+    alpha: float = 0.5,
+) -> Image.Image:
+    """Original | heatmap | overlay side by side, titled (e.g. with class name and probability)."""
+    base = image.convert("RGB")
+    fitted = _fit(_as_array(saliency), base.size)
+    pictures = [
+        ("image", base),
+        ("heatmap", heatmap(fitted, cmap)),
+        ("overlay", overlay(base, fitted, cmap, alpha)),
+    ]
+    aspect = base.height / base.width
+    figure = Figure(figsize=(9, 3 * aspect + 0.6), dpi=100)
+    FigureCanvasAgg(figure)
+    for index, (name, picture) in enumerate(pictures):
+        axes = figure.add_subplot(1, 3, index + 1)
+        axes.imshow(picture)
+        axes.set_title(name, fontsize=9)
+        axes.axis("off")
+    if title:
+        figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    buffer = _io.BytesIO()
+    figure.savefig(buffer, format="png")
+    buffer.seek(0)
+    with Image.open(buffer) as rendered:
+        return rendered.convert("RGB")
+
+
+def save_png(picture: Image.Image, path: str | os.PathLike[str]) -> Path:
+    """Write a PNG atomically: never a half-written file at ``path``."""
+    buffer = _io.BytesIO()
+    picture.save(buffer, format="PNG")
+    return atomic_write_bytes(path, buffer.getvalue())
