@@ -51,14 +51,18 @@ def resolve_module(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mo
 
 @contextmanager
 def eval_mode(model: nn.Module) -> Iterator[None]:
-    """Put every module in eval mode for the block, then restore each module's own flag."""
-    flags = [(module, module.training) for module in model.modules()]
+    """Put every module in eval mode for the block, then restore each module's own flag.
+
+    Only modules in training mode are touched, so a model already in eval mode costs nothing.
+    """
+    training = [module for module in model.modules() if module.training]
     try:
-        model.eval()
+        for module in training:
+            module.training = False
         yield
     finally:
-        for module, training in flags:
-            module.training = training
+        for module in training:
+            module.training = True
 
 
 @dataclass

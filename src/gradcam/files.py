@@ -4,17 +4,46 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
 
 import numpy as np
+
+
+def _create_temporary(target: Path) -> tuple[int, Path]:
+    """Create a fresh temporary file next to ``target`` with the permissions a plain ``open`` would give.
+
+    ``tempfile.mkstemp`` makes files readable by their owner only (0600), which would leak onto the
+    target through the rename; here the file gets 0666 less the umask, or the mode of an existing target.
+    """
+    if target.is_file():
+        mode = stat.S_IMODE(target.stat().st_mode)
+    else:
+        mode = None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        temporary = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            descriptor = os.open(temporary, flags, 0o666)
+        except FileExistsError:
+            continue
+        if mode is not None:
+            try:
+                os.chmod(temporary, mode)
+            except BaseException:
+                os.close(descriptor)
+                temporary.unlink(missing_ok=True)
+                raise
+        return descriptor, temporary
+    raise FileExistsError(f"could not create a temporary file next to {target}")
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     """Write ``data`` to ``path`` so that readers see the old file or the whole new one, never a part."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    descriptor, temporary = _create_temporary(target)
     try:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(data)
@@ -22,7 +51,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
             os.fsync(handle.fileno())
         os.replace(temporary, target)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return target
 

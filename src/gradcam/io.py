@@ -29,7 +29,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         low, high = float(values.min()), float(values.max())
         scaled = (values - low) / (high - low) * 255 if high > low else np.zeros_like(values)
         return Image.fromarray(scaled.round().astype(np.uint8), mode="L").convert("RGB")
-    if image.mode == "P" and "transparency" in image.info:
+    if image.mode in ("P", "L", "RGB") and "transparency" in image.info:
+        # Palette, grayscale and RGB images can carry a transparent colour (PNG tRNS, GIF): honour it.
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
@@ -76,5 +77,7 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_PIXELS) ->
         raise ImageLoadError(f"{file}: not an image file Pillow can read") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageLoadError(f"{file}: image too large (possible decompression bomb)") from None
+    except PermissionError:
+        raise ImageLoadError(f"{file}: permission denied") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(f"{file}: corrupt or truncated image ({error})") from None

@@ -18,7 +18,11 @@ from gradcam.files import atomic_write_bytes
 
 
 def _as_array(saliency: torch.Tensor | np.ndarray) -> np.ndarray:
-    array = saliency.detach().cpu().numpy() if isinstance(saliency, torch.Tensor) else np.asarray(saliency)
+    if isinstance(saliency, torch.Tensor):
+        # float32 first: numpy has no bfloat16, so .numpy() on a bfloat16 map would fail.
+        array = saliency.detach().to(device="cpu", dtype=torch.float32).numpy()
+    else:
+        array = np.asarray(saliency)
     if array.ndim != 2:
         raise GradCAMError(f"map must be 2-D (H,W), got shape {array.shape}")
     return array.astype(np.float32)

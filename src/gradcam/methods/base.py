@@ -111,7 +111,14 @@ class CAM:
                     "choose a layer on the path to the output"
                 )
             grads = torch.autograd.grad(scores.sum(), captured.activations, allow_unused=True)
-        probs = torch.softmax(logits.detach().float(), dim=1).gather(1, ids[:, None])[:, 0]
+        logits = logits.detach().float()
+        probs = torch.softmax(logits, dim=1).gather(1, ids[:, None])[:, 0]
+        shared = {
+            "targets": ids.cpu(),
+            "scores": scores.detach().float().cpu(),
+            "probs": probs.cpu(),
+            "logits": logits.cpu(),
+        }
         results = []
         for (name, _), activation, grad in zip(layers, captured.activations, grads, strict=True):
             if grad is None:
@@ -119,17 +126,9 @@ class CAM:
             if self.counterfactual:
                 grad = -grad
             raw = self._map(activation.detach(), grad).float()
+            maps = normalise(upsample(raw, size))
             results.append(
-                Explanation(
-                    raw=raw.cpu(),
-                    maps=normalise(upsample(raw, size)).cpu(),
-                    targets=ids.cpu(),
-                    scores=scores.detach().float().cpu(),
-                    probs=probs.cpu(),
-                    layer=name,
-                    method=self.method,
-                    logits=logits.detach().float().cpu(),
-                )
+                Explanation(raw=raw.cpu(), maps=maps.cpu(), layer=name, method=self.method, **shared)
             )
         return results if self._multi else results[0]
 

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 
@@ -74,8 +75,11 @@ def load(
     elif name in torchvision_zoo.names():
         loaded = torchvision_zoo.load(name, pretrained=pretrained, weights=weights, labels=labels)
     else:
+        close = difflib.get_close_matches(name, names(), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
         raise GradCAMError(
-            f"model '{name}' not found; available: {', '.join(names()[:8])} ... (`gradcam models` lists all)"
+            f"model '{name}' not found; {hint}available: {', '.join(names()[:5])} ... "
+            "(`gradcam models` lists all)"
         )
     return loaded.to(device) if device is not None else loaded
 

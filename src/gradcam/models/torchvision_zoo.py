@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torchvision.models import get_model, get_model_weights, list_models
+from torchvision.models import WeightsEnum, get_model, get_model_weights, list_models
 
 from gradcam.errors import GradCAMError
 from gradcam.models.base import LoadedModel, Preprocess
@@ -43,10 +43,30 @@ def _pretrained_state(name: str) -> dict[str, torch.Tensor]:
             f"pretrained weights for '{name}' not found: put {path.name} (from {url}) into "
             f"{path.parent}, or use pretrained=False (--random-weights) for random weights"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    return read_state_dict(path)
+
+
+def _renamed(name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Old DenseNet checkpoints (torchvision's own included) use "norm.1"-style keys."""
     if name.startswith("densenet"):
         state = {_DENSENET_OLD_KEY.sub(r"\1\2", k): v for k, v in state.items()}
     return state
+
+
+def _build_kwargs(name: str, default: WeightsEnum, pretrained: bool) -> dict[str, object]:
+    """Constructor arguments torchvision's own builder would use with ``default`` weights."""
+    kwargs: dict[str, object] = {}
+    if name in ("googlenet", "inception_v3"):
+        kwargs.update(aux_logits=False, init_weights=False)
+        if pretrained:
+            # torchvision's pretrained GoogLeNet/Inception expect this re-normalisation of the input.
+            kwargs["transform_input"] = True
+    min_size = default.meta.get("min_size", (224, 224))
+    if name.startswith("vit_"):
+        kwargs["image_size"] = min_size[0]  # e.g. vit_h_14's default weights are 518x518
+    elif name.startswith("maxvit"):
+        kwargs["input_size"] = tuple(min_size)
+    return kwargs
 
 
 def load(
@@ -67,10 +87,11 @@ def load(
         if pretrained:
             state = _pretrained_state(name)
             source = weights_path(name)
-    kwargs = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    kwargs = _build_kwargs(name, default, pretrained=weights is None and pretrained)
     module = get_model(name, weights=None, num_classes=num_classes, **kwargs)
     if state is not None:
-        if kwargs:
+        state = _renamed(name, state)
+        if name in ("googlenet", "inception_v3"):
             state = {k: v for k, v in state.items() if not k.startswith(("aux1.", "aux2.", "AuxLogits."))}
         load_into(module, state, source)
     if labels is not None:

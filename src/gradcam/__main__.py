@@ -1,0 +1,5 @@
+"""``python -m gradcam`` runs the command line."""
+
+from gradcam.cli import main
+
+main()

@@ -1,0 +1,183 @@
+"""The `gradcam` command end to end, in a real subprocess, on the bundled model and samples."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from gradcam.cli import app
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+CAT, COFFEE = EXAMPLES / "cat.png", EXAMPLES / "coffee.png"
+CAT_CLASSES = range(281, 286)  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+# Drawn by hand on cat.png (451x300): the cat fills x < 370; right of x = 390 is background.
+CAT_RIGHT_EDGE, BACKGROUND_LEFT_EDGE = 370, 390
+
+
+def gradcam(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "gradcam", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+@pytest.fixture(scope="module")
+def cat_run(tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("cat")
+    result = gradcam("explain", str(CAT), str(COFFEE), "--out", str(out), "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout), out
+
+
+def test_cat_is_a_cat_and_the_map_lies_on_the_cat(cat_run) -> None:
+    document, _ = cat_run
+    assert document["model"] == "efficientnet-lite0" and document["method"] == "gradcam"
+    assert document["layer"] == "_bn1"
+    cat = document["results"][0]
+    assert cat["predictions"][0]["index"] in CAT_CLASSES
+    assert cat["predictions"][0]["probability"] > 0.5
+    explained = cat["explanations"][0]
+    assert explained["index"] == cat["predictions"][0]["index"]
+    overlay = Image.open(explained["files"]["overlay"])
+    assert overlay.size == (451, 300)  # laid over the whole original picture
+    raw = np.load(explained["files"]["map"])
+    assert raw.shape == (7, 7) and raw.max() > 0
+    # Peak in input coordinates (224x224, the whole frame resized) mapped back to the photo.
+    peak_x = (explained["peak"]["col"] + 0.5) * 451 / 224
+    assert peak_x < CAT_RIGHT_EDGE
+    upsampled = np.asarray(Image.fromarray(raw / raw.max()).resize((451, 300), Image.Resampling.BILINEAR))
+    assert upsampled[:, :CAT_RIGHT_EDGE].mean() > 2 * upsampled[:, BACKGROUND_LEFT_EDGE:].mean()
+
+
+def test_coffee_is_espresso_or_cup(cat_run) -> None:
+    document, _ = cat_run
+    coffee = document["results"][1]
+    assert coffee["predictions"][0]["class"] in ("espresso", "cup")
+
+
+def test_writes_overlay_panel_and_map_for_each_image(cat_run) -> None:
+    document, out = cat_run
+    for result in document["results"]:
+        for explained in result["explanations"]:
+            files = explained["files"]
+            assert set(files) == {"overlay", "panel", "map"}
+            for path in files.values():
+                assert Path(path).parent == out and Path(path).stat().st_size > 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_cli_map_equals_the_library_map(cat_run) -> None:
+    import gradcam as library
+
+    document, _ = cat_run
+    loaded = library.models.load()
+    batch = loaded.preprocess(library.io.load_image(CAT))[None]
+    expected = library.GradCAM(loaded.module)(batch).raw[0].numpy()
+    written = np.load(document["results"][0]["explanations"][0]["files"]["map"])
+    np.testing.assert_allclose(written, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_targets_by_name_and_index_topk_and_table(tmp_path: Path) -> None:
+    result = gradcam(
+        "explain",
+        str(CAT),
+        "--target",
+        "tabby",
+        "--target",
+        "282",
+        "--topk",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--json",
+    )
+    assert result.returncode == 0, result.stderr
+    explained = json.loads(result.stdout)["results"][0]["explanations"]
+    indices = [e["index"] for e in explained]
+    assert indices[:2] == [285, 282] and 281 in indices and len(indices) == len(set(indices)) == 3
+    probabilities = [e["probability"] for e in explained[:2]]
+    assert probabilities == sorted(probabilities, reverse=True)
+    table = gradcam("explain", str(CAT), "--target", "tabby", "--out", str(tmp_path))
+    assert table.returncode == 0
+    assert "tabby (281)" in table.stdout and "cat_281-tabby_overlay.png" in table.stdout
+
+
+def test_counterfactual_writes_another_map(tmp_path: Path, cat_run) -> None:
+    result = gradcam("explain", str(CAT), "--counterfactual", "--out", str(tmp_path), "--json")
+    assert result.returncode == 0, result.stderr
+    explained = json.loads(result.stdout)["results"][0]["explanations"][0]
+    assert explained["files"]["map"].endswith("_counterfactual_map.npy")
+    plain = np.load(cat_run[0]["results"][0]["explanations"][0]["files"]["map"])
+    assert not np.allclose(np.load(explained["files"]["map"]), plain)
+
+
+def test_bad_files_are_reported_and_the_rest_processed(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(CAT.read_bytes()[:2000])
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    empty = tmp_path / "empty.png"
+    empty.touch()
+    missing = tmp_path / "missing.png"
+    out = tmp_path / "out"
+    result = gradcam(
+        "explain", str(missing), str(corrupt), str(CAT), str(text), str(empty), "--out", str(out)
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 4
+    for bad, line in zip((missing, corrupt, text, empty), lines, strict=True):
+        assert line.startswith("error: ") and str(bad) in line
+    assert (out / "cat_285-egyptian-cat_overlay.png").is_file()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "resnet9000"], "model 'resnet9000' not found"),
+        (["--target", "egyptian kat"], "did you mean 'Egyptian cat'"),
+        (["--target", "1000"], "out of range; expected 0..999"),
+        (["--layer", "layer4"], "layer 'layer4' not found; candidates"),
+        (["--layer", "_swish"], "'_swish' runs more than once"),
+        (["--model", "resnet18"], "resnet18-f37072fd.pth"),
+        (["--weights", "nowhere.pt"], "weights file nowhere.pt: no such file"),
+    ],
+)
+def test_user_mistakes_give_one_line_and_no_traceback(args: list[str], message: str, tmp_path: Path) -> None:
+    # In-process for speed; the exit must be a clean SystemExit(2), never an escaping exception.
+    result = CliRunner().invoke(app, ["explain", str(CAT), "--out", str(tmp_path), *args])
+    assert isinstance(result.exception, SystemExit) and result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
+    assert message in result.stderr
+
+
+def test_user_mistake_in_a_real_process() -> None:
+    result = gradcam("explain", str(CAT), "--model", "resnet9000")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: model 'resnet9000' not found") and result.stderr.count("\n") == 1
+
+
+def test_layers_marks_the_automatic_choice() -> None:
+    result = CliRunner().invoke(app, ["layers"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.stderr
+    chosen = [line for line in result.stdout.splitlines() if "automatic" in line]
+    assert len(chosen) == 1 and "_bn1" in chosen[0] and "1x1280x7x7" in chosen[0]
+    assert any("_swish" in line and "shared" in line for line in result.stdout.splitlines())
+
+
+def test_models_lists_the_bundled_default() -> None:
+    result = CliRunner().invoke(app, ["models"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    assert "efficientnet-lite0 (default)" in result.stdout and "resnet50" in result.stdout
