@@ -14,7 +14,7 @@ the ``with`` block. Parameters' ``requires_grad`` and ``.grad`` are never touche
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -65,6 +65,9 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
             module.training = True
 
 
+Runner = Callable[[torch.Tensor], object]
+
+
 @dataclass
 class Capture:
     """What one forward pass captured: the layers' activations (graph roots) and the model output."""
@@ -85,7 +88,7 @@ def _check_activation(name: str, output: object) -> torch.Tensor:
 
 
 @contextmanager
-def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Iterator[tuple[Capture, object]]:
+def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Iterator[tuple[Capture, Runner]]:
     """Hook ``layers`` for one forward pass.
 
     Yields ``(capture, run)``: call ``run(inputs)`` once inside the block; it returns the model output

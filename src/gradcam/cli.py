@@ -82,7 +82,8 @@ def _unique_stems(paths: list[Path]) -> list[str]:
 
 def _explain_batch(
     items: list[_Item], loaded, cam: GradCAM, targets: list[int], topk: int, out: Path, counterfactual: bool
-) -> None:
+) -> str:
+    """Explain one batch for every wanted class, write the files; returns the explained layer's name."""
     batch = torch.stack([item.tensor for item in items]).to(next(loaded.module.parameters()).device)
     first = cam(batch)  # each image's top-1; its logits give the rankings for every other slot
     ranking = first.logits.softmax(dim=1)
@@ -128,6 +129,7 @@ def _explain_batch(
                     "files": files,
                 }
             )
+    return first.layer
 
 
 @app.command()
@@ -169,7 +171,7 @@ def explain(
     for start in range(0, len(items), BATCH):
         chunk = items[start : start + BATCH]
         try:
-            _explain_batch(chunk, loaded, cam, wanted, topk, out, counterfactual)
+            layer_name = _explain_batch(chunk, loaded, cam, wanted, topk, out, counterfactual)
         except GradCAMError as error:
             raise _fail(str(error)) from None
         except RuntimeError as error:  # the model's own forward failed on these inputs
@@ -178,7 +180,6 @@ def explain(
                 stderr.print(f"error: {item.path}: model forward failed ({reason})", markup=False)
                 errors.append({"image": str(item.path), "error": reason})
             continue
-        layer_name = layer_name or cam._resolved_layers(torch.stack([chunk[0].tensor]))[0][0]
 
     done = [item for item in items if item.explanations]
     if as_json:
@@ -204,18 +205,19 @@ def _print_results(items: list[_Item], model: str, layer: str | None) -> None:
     for item in items:
         top5 = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in item.predictions)
         stdout.print(f"[bold]{item.path}[/bold] top-5: {top5}", highlight=False)
+    folders = {str(Path(path).parent) for i in items for e in i.explanations for path in e["files"].values()}
     table = Table(title=f"Grad-CAM · {model} · layer {layer}")
     table.add_column("image", overflow="fold")
     table.add_column("class", overflow="fold")
-    table.add_column("probability", justify="right")
-    table.add_column("files written", overflow="fold")
+    table.add_column("prob.", justify="right")
+    table.add_column(f"files written to {', '.join(sorted(folders))}", no_wrap=True)
     for item in items:
         for explained in item.explanations:
             table.add_row(
                 item.path.name,
                 f"{explained['class']} ({explained['index']})",
                 f"{explained['probability']:.1%}",
-                "\n".join(explained["files"].values()),
+                "\n".join(Path(path).name for path in explained["files"].values()),
             )
     stdout.print(table)
 
