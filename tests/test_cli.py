@@ -181,3 +181,38 @@ def test_models_lists_the_bundled_default() -> None:
     result = CliRunner().invoke(app, ["models"], env={"COLUMNS": "200"})
     assert result.exit_code == 0
     assert "efficientnet-lite0 (default)" in result.stdout and "resnet50" in result.stdout
+
+
+def test_awkward_file_names_get_distinct_outputs_and_print_literally(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    odd = tmp_path / "a" / "x$\\foo$ [bold]draft[red].png"  # rich markup and TeX in a name
+    odd.write_bytes(CAT.read_bytes())
+    (tmp_path / "b" / "cat.png").write_bytes(COFFEE.read_bytes())
+    (tmp_path / "Cat-2.png").write_bytes(CAT.read_bytes())
+    paths = [str(odd), str(CAT), str(tmp_path / "b" / "cat.png"), str(tmp_path / "Cat-2.png")]
+    out = tmp_path / "out"
+    result = gradcam("explain", *paths, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert str(odd) in result.stdout  # printed as given, not parsed as markup
+    written = sorted(p.name for p in out.iterdir())
+    assert len(written) == 12 and len({name.lower() for name in written}) == 12
+    maps = {tuple(np.load(p).ravel()[:5]) for p in out.glob("*_map.npy")}
+    assert len(maps) == 2  # three cat copies share a map; the coffee's differs and was not overwritten
+    coffee_map = [p for p in out.glob("*_map.npy") if "espresso" in p.name]
+    assert len(coffee_map) == 1
+
+
+def test_usage_mistakes_in_a_real_process(tmp_path: Path) -> None:
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    for args, message in (
+        (["explain", str(CAT), "--topk", "-1"], "--topk"),
+        (["explain", str(CAT), "--tpok", "3"], "No such option: --tpok"),
+        (["explain", str(CAT), "--out", str(a_file)], "is a file; expected a folder"),
+    ):
+        result = gradcam(*args)
+        assert result.returncode == 2, args
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+        assert message in result.stderr and "Traceback" not in result.stderr

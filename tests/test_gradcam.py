@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -220,3 +221,71 @@ def test_cuda_inputs_match_cpu() -> None:
     gpu = gradcam.GradCAM(gpu_model, "layer4")(x.cuda(), [1, 2])
     assert gpu.raw.device.type == "cpu"
     assert_close(gpu.raw, cpu.raw, rel=1e-3)
+
+
+class TapThenInplace(nn.Module):
+    """`tap` returns its input; the model then rewrites that tensor in place and uses the tap's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.tap = nn.Identity()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        tapped = self.tap(y)
+        y.relu_()
+        return self.fc(tapped.mean(dim=(2, 3)))
+
+
+def test_output_rewritten_in_place_through_an_alias_is_refused_not_misexplained() -> None:
+    # The forward continues on a copy of the layer's output; when the model then rewrites the original
+    # through another reference, the copy would change the model's scores: a clear error instead.
+    model = TapThenInplace().double().eval()
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64)
+    before = [m.training for m in model.modules()]
+    with pytest.raises(ValueError, match="'tap': its output is modified in place later"):
+        gradcam.GradCAM(model, "tap")(x, [0, 2])
+    assert [m.training for m in model.modules()] == before
+    # The convolution that produced the tensor is exact: every later reference is to the forward's copy.
+    activations = F.conv2d(x, model.conv.weight, model.conv.bias, padding=1)
+    alpha = model.fc.weight.detach()[[0, 2]] / 36 * (activations > 0).double().mean(dim=(2, 3))
+    expected = torch.relu(torch.einsum("bk,bkhw->bhw", alpha, activations))
+    assert_close(gradcam.GradCAM(model, "conv")(x, [0, 2]).raw.double(), expected)
+
+
+def test_layer_under_a_second_name_and_parallel_branches_of_a_frozen_model() -> None:
+    model = torchvision.models.resnet18(num_classes=10).double().eval()
+    model.alias = model.layer4
+    x = torch.randn(1, 3, 64, 64, dtype=torch.float64)
+    by_alias = gradcam.GradCAM(model, "alias")(x, 2)
+    assert by_alias.layer == "alias"
+    assert_close(by_alias.raw.double(), captum_map(model, model.layer4, x, [2]))
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    branches = ["layer2.0.conv1", "layer2.0.downsample"]  # two branches of one residual block
+    together = gradcam.GradCAM(model, branches)(x, 2)
+    for name, explanation in zip(branches, together, strict=True):
+        assert_close(explanation.raw.double(), captum_map(model, model.get_submodule(name), x, [2]))
+
+
+def test_numpy_targets_and_models_built_in_inference_mode() -> None:
+    model = TinyHead().eval()
+    x = torch.randn(2, 3, 6, 6)
+    assert gradcam.GradCAM(model, "conv")(x, np.array([2, 0])).targets.tolist() == [2, 0]
+    with torch.inference_mode():
+        inference_model = TinyHead().eval()
+    with pytest.raises(ValueError, match="inference tensors"):
+        gradcam.GradCAM(inference_model, "conv")(x)
+
+
+def test_gradient_stopped_by_the_model_itself_is_explained() -> None:
+    class FrozenBackbone(TinyHead):
+        def forward(self, x):
+            with torch.no_grad():
+                features = self.conv(x)
+            return self.fc(self.pool(features).flatten(1))
+
+    with pytest.raises(ValueError, match=r"no gradient reaches layer 'conv'.*torch.no_grad\(\)"):
+        gradcam.GradCAM(FrozenBackbone().eval(), "conv")(torch.randn(1, 3, 6, 6))

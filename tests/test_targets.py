@@ -86,3 +86,12 @@ def test_parse_class_by_index_and_name() -> None:
         parse_class("3", labels)
     with pytest.raises(ValueError, match="did you mean 'Egyptian cat'"):
         parse_class("egyptian cta", labels)
+
+
+def test_parse_class_prefers_the_exact_name_and_refuses_ambiguity() -> None:
+    labels = ["Cardigan", "cardigan", "tabby"]
+    assert parse_class("cardigan", labels) == 1
+    assert parse_class("Cardigan", labels) == 0
+    assert parse_class("TABBY", labels) == 2
+    with pytest.raises(ValueError, match=r"ambiguous: 'Cardigan' \(0\), 'cardigan' \(1\)"):
+        parse_class("CARDIGAN", labels)

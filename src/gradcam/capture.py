@@ -10,6 +10,10 @@ keep, which stays exactly the layer's output as the layer produced it.
 Everything the call touches on the user's model is restored on exit, also when the forward raises:
 each module's train/eval flag (the forward runs in eval mode), and the hooks, which live only inside
 the ``with`` block. Parameters' ``requires_grad`` and ``.grad`` are never touched.
+
+With several layers, a layer downstream of an earlier captured one stays in that graph (its gradient
+flows back through it); a layer on a parallel branch becomes a root of its own when nothing recorded
+leads to it (frozen models), else the graph also covers its branch.
 """
 
 from __future__ import annotations
@@ -40,9 +44,11 @@ def resolve_module(model: nn.Module, layer: str | nn.Module) -> tuple[str, nn.Mo
         return name, layer
     if not isinstance(layer, str):
         raise GradCAMError(f"layer must be a module name or an nn.Module, got {type(layer).__name__}")
-    modules = dict(model.named_modules())
-    if layer in modules:
-        return layer, modules[layer]
+    if layer:
+        try:
+            return layer, model.get_submodule(layer)
+        except AttributeError:
+            pass
     candidates = [n for n, m in model.named_modules() if n and not isinstance(m, nn.ModuleList)]
     shown = ", ".join(candidates[-8:][::-1])
     more = " ..." if len(candidates) > 8 else ""
@@ -99,6 +105,7 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Iterat
     result = Capture(names=[name for name, _ in layers])
     result.activations = [None] * len(layers)
     calls = [0] * len(layers)
+    produced: list[tuple[str, torch.Tensor, int]] = []
     graph_started = False
     handles = []
 
@@ -112,11 +119,19 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Iterat
                     "its activation is ambiguous: choose a module that runs once"
                 )
             activation = _check_activation(name, output)
+            produced.append((name, activation, activation._version))
+            if not activation.requires_grad:
+                # A root of the head-only graph: the first captured layer (nothing before it was
+                # recorded), or a later one on a branch that no captured layer feeds.
+                activation = activation.detach().clone().requires_grad_(True)
+            else:
+                activation = activation.clone()
             if not graph_started:
-                # Root of the head-only graph: everything before this point ran without recording.
-                activation = activation.detach().requires_grad_(True)
                 torch.set_grad_enabled(True)
                 graph_started = True
+            # Kept apart from what the forward continues with, and copied from the layer's output: an
+            # in-place operation later in the forward (on the output or on a tensor it aliases) cannot
+            # rewrite the activation we explain.
             result.activations[index] = activation
             return activation.clone()
 
@@ -125,6 +140,15 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Iterat
     def run(inputs: torch.Tensor) -> object:
         with torch.no_grad():
             output = model(inputs)
+        for name, tensor, version in produced:
+            if tensor._version != version:
+                # The model rewrote the layer's output in place through another reference to it (a layer
+                # that returns its input, say). The forward went on with a copy, so the scores would not
+                # be the model's: refuse rather than explain another function.
+                raise GradCAMError(
+                    f"layer '{name}': its output is modified in place later in the forward through "
+                    "another reference; choose the layer after that in-place operation"
+                )
         missing = [n for n, c in zip(result.names, calls, strict=True) if c == 0]
         if missing:
             raise GradCAMError(

@@ -10,8 +10,11 @@ from typing import Annotated
 
 import torch
 import typer
+from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from gradcam import io, models
 from gradcam.errors import GradCAMError, ImageLoadError
@@ -64,68 +67,94 @@ def _load_model(model: str, weights: Path | None, labels: Path | None, random_we
 class _Item:
     path: Path
     stem: str
-    image: object
-    tensor: torch.Tensor
+    image: Image.Image | None = None
+    tensor: torch.Tensor | None = None
     predictions: list[dict] = field(default_factory=list)
     explanations: list[dict] = field(default_factory=list)
 
 
 def _unique_stems(paths: list[Path]) -> list[str]:
-    seen: dict[str, int] = {}
+    """File-name stems for outputs, distinct even on case-insensitive file systems."""
+    used: set[str] = set()
     stems = []
     for path in paths:
-        count = seen.get(path.stem, 0) + 1
-        seen[path.stem] = count
-        stems.append(path.stem if count == 1 else f"{path.stem}-{count}")
+        stem, number = path.stem, 1
+        while stem.lower() in used:
+            number += 1
+            stem = f"{path.stem}-{number}"
+        used.add(stem.lower())
+        stems.append(stem)
     return stems
 
 
+def _report(errors: list[dict], path: Path, message: str) -> None:
+    stderr.print(f"error: {message}", markup=False)
+    errors.append({"image": str(path), "error": message})
+
+
+def _targets_per_image(first, targets: list[int], topk: int) -> list[list[int]]:
+    """Each image's classes to explain: its top-k, then the explicit targets; its top-1 by default."""
+    ranking = first.logits.argsort(dim=1, descending=True)
+    wanted = []
+    for row in range(len(first)):
+        ranked = ranking[row, :topk].tolist() if topk else []
+        wanted.append(list(dict.fromkeys(ranked + targets)) or [int(first.targets[row])])
+    return wanted
+
+
 def _explain_batch(
-    items: list[_Item], loaded, cam: GradCAM, targets: list[int], topk: int, out: Path, counterfactual: bool
+    items: list[_Item],
+    loaded: models.LoadedModel,
+    cam: GradCAM,
+    targets: list[int],
+    topk: int,
+    out: Path,
+    errors: list[dict],
 ) -> str:
-    """Explain one batch for every wanted class, write the files; returns the explained layer's name."""
-    batch = torch.stack([item.tensor for item in items]).to(next(loaded.module.parameters()).device)
-    first = cam(batch)  # each image's top-1; its logits give the rankings for every other slot
-    ranking = first.logits.softmax(dim=1)
-    top_probs, top_ids = ranking.topk(min(5, ranking.shape[1]), dim=1)
-    per_image_targets = []
-    for row in range(len(items)):
-        items[row].predictions = [
+    """Explain one batch for every wanted class and write the files; returns the explained layer."""
+    device = next(loaded.module.parameters()).device
+    batch = torch.stack([item.tensor for item in items]).to(device)
+    first = cam(batch)  # each image's top-1; its logits rank the classes for every other target
+    probabilities = first.logits.softmax(dim=1)
+    top_probs, top_ids = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
+    per_image = _targets_per_image(first, targets, topk)
+    for row, item in enumerate(items):
+        item.predictions = [
             {"index": int(i), "class": loaded.labels[int(i)], "probability": round(float(p), 6)}
             for p, i in zip(top_probs[row], top_ids[row], strict=True)
         ]
-        ranked = ranking[row].argsort(descending=True)[:topk].tolist() if topk else []
-        wanted = list(dict.fromkeys(ranked + targets)) or [int(first.targets[row])]
-        per_image_targets.append(wanted)
-    slots = max(len(t) for t in per_image_targets)
-    for slot in range(slots):
+    suffix = "_counterfactual" if cam.counterfactual else ""
+    for slot in range(max(len(wanted) for wanted in per_image)):
         # Images with fewer targets repeat their last one; those repeats are not written twice.
-        ids = [t[min(slot, len(t) - 1)] for t in per_image_targets]
+        ids = [wanted[min(slot, len(wanted) - 1)] for wanted in per_image]
         explanation = first if ids == first.targets.tolist() else cam(batch, ids)
+        peaks = explanation.peaks().tolist()
         for row, item in enumerate(items):
-            if slot >= len(per_image_targets[row]):
+            if slot >= len(per_image[row]) or str(item.path) in {e["image"] for e in errors}:
                 continue
-            index = ids[row]
-            name = loaded.labels[index]
+            index, name = ids[row], loaded.labels[ids[row]]
             probability = float(explanation.probs[row])
-            suffix = "_counterfactual" if counterfactual else ""
-            picture = loaded.preprocess.frame(item.image)
-            files = write_explanation(
-                out,
-                f"{item.stem}_{index}-{slug(name)}{suffix}",
-                picture,
-                explanation.maps[row],
-                explanation.raw[row],
-                f"{item.path.name}: {name} ({probability:.1%}){' counterfactual' if counterfactual else ''}",
-            )
-            peak_row, peak_col = explanation.peaks()[row].tolist()
+            title = f"{item.path.name}: {name} ({probability:.1%}){' counterfactual' if suffix else ''}"
+            try:
+                files = write_explanation(
+                    out,
+                    f"{item.stem}_{index}-{slug(name)}{suffix}",
+                    loaded.preprocess.frame(item.image),
+                    explanation.maps[row],
+                    explanation.raw[row],
+                    title,
+                )
+            except OSError as error:
+                reason = error.strerror or str(error)
+                _report(errors, item.path, f"{item.path}: cannot write its outputs ({reason})")
+                continue
             item.explanations.append(
                 {
                     "index": index,
                     "class": name,
                     "probability": round(probability, 6),
                     "score": round(float(explanation.scores[row]), 6),
-                    "peak": {"row": peak_row, "col": peak_col},
+                    "peak": {"row": peaks[row][0], "col": peaks[row][1]},
                     "files": files,
                 }
             )
@@ -155,33 +184,44 @@ def explain(
         cam = GradCAM(loaded.module, layer, counterfactual=counterfactual)
     except GradCAMError as error:
         raise _fail(str(error)) from None
+    if out.exists() and not out.is_dir():
+        raise _fail(f"--out {out} is a file; expected a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise _fail(f"--out {out}: cannot create the output folder ({error.strerror or error})") from None
 
     errors: list[dict] = []
-    items: list[_Item] = []
-    for path, stem in zip(images, _unique_stems(images), strict=True):
-        try:
-            image = io.load_image(path)
-        except ImageLoadError as error:
-            stderr.print(f"error: {error}", markup=False)
-            errors.append({"image": str(path), "error": str(error)})
-            continue
-        items.append(_Item(path=path, stem=stem, image=image, tensor=loaded.preprocess(image)))
-
+    done: list[_Item] = []
     layer_name = None
-    for start in range(0, len(items), BATCH):
-        chunk = items[start : start + BATCH]
+    pending = [_Item(path, stem) for path, stem in zip(images, _unique_stems(images), strict=True)]
+    for start in range(0, len(pending), BATCH):
+        # One batch of decoded images in memory at a time.
+        chunk = []
+        for item in pending[start : start + BATCH]:
+            try:
+                item.image = io.load_image(item.path)
+            except ImageLoadError as error:
+                _report(errors, item.path, str(error))
+                continue
+            item.tensor = loaded.preprocess(item.image)
+            chunk.append(item)
+        if not chunk:
+            continue
         try:
-            layer_name = _explain_batch(chunk, loaded, cam, wanted, topk, out, counterfactual)
+            layer_name = _explain_batch(chunk, loaded, cam, wanted, topk, out, errors)
         except GradCAMError as error:
             raise _fail(str(error)) from None
         except RuntimeError as error:  # the model's own forward failed on these inputs
             reason = str(error).strip().splitlines()[0]
             for item in chunk:
-                stderr.print(f"error: {item.path}: model forward failed ({reason})", markup=False)
-                errors.append({"image": str(item.path), "error": reason})
+                _report(errors, item.path, f"{item.path}: model forward failed ({reason})")
             continue
+        for item in chunk:
+            item.image = item.tensor = None
+            if item.explanations:
+                done.append(item)
 
-    done = [item for item in items if item.explanations]
     if as_json:
         document = {
             "model": loaded.name,
@@ -195,7 +235,7 @@ def explain(
             "errors": errors,
         }
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
-    else:
+    elif done:
         _print_results(done, loaded.name, layer_name)
     if errors:
         raise typer.Exit(1)
@@ -204,20 +244,20 @@ def explain(
 def _print_results(items: list[_Item], model: str, layer: str | None) -> None:
     for item in items:
         top5 = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in item.predictions)
-        stdout.print(f"[bold]{item.path}[/bold] top-5: {top5}", highlight=False)
+        stdout.print(f"{item.path} top-5: {top5}", markup=False, highlight=False)
     folders = {str(Path(path).parent) for i in items for e in i.explanations for path in e["files"].values()}
-    table = Table(title=f"Grad-CAM · {model} · layer {layer}")
+    table = Table(title=escape(f"Grad-CAM · {model} · layer {layer}"))
     table.add_column("image", overflow="fold")
     table.add_column("class", overflow="fold")
     table.add_column("prob.", justify="right")
-    table.add_column(f"files written to {', '.join(sorted(folders))}", no_wrap=True)
+    table.add_column(escape(f"files written to {', '.join(sorted(folders))}"), no_wrap=True)
     for item in items:
         for explained in item.explanations:
             table.add_row(
-                item.path.name,
-                f"{explained['class']} ({explained['index']})",
+                escape(item.path.name),
+                escape(f"{explained['class']} ({explained['index']})"),
                 f"{explained['probability']:.1%}",
-                "\n".join(Path(path).name for path in explained["files"].values()),
+                escape("\n".join(Path(path).name for path in explained["files"].values())),
             )
     stdout.print(table)
 
@@ -277,5 +317,16 @@ def models_command() -> None:
 
 
 def main() -> None:
-    """Entry point of the ``gradcam`` command."""
-    app()
+    """Entry point of the ``gradcam`` command: usage mistakes get one line on stderr, exit code 2."""
+    command = typer.main.get_command(app)
+    try:
+        code = command.main(standalone_mode=False)
+    except TyperException as error:  # typer's usage errors: unknown option, bad value, missing argument
+        message = " ".join(error.format_message().split())
+        if message:  # empty when no arguments were given and the help has been shown
+            stderr.print(f"error: {message}", markup=False)
+        code = error.exit_code
+    except typer.Abort:
+        stderr.print("error: aborted", markup=False)
+        code = 1
+    sys.exit(code if isinstance(code, int) else 0)

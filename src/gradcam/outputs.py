@@ -31,9 +31,11 @@ def write_explanation(
     ``picture`` is the image the map registers with; ``saliency`` the normalised (H,W) map; ``raw`` the
     un-normalised map at the layer's resolution. Returns the written paths by kind.
     """
+    # Everything is rendered before anything is written, so a rendering error leaves no partial set.
+    overlay, panel = viz.overlay(picture, saliency), viz.panel(picture, saliency, title)
     files = {
-        "overlay": viz.save_png(viz.overlay(picture, saliency), out_dir / f"{stem}_overlay.png"),
-        "panel": viz.save_png(viz.panel(picture, saliency, title), out_dir / f"{stem}_panel.png"),
+        "overlay": viz.save_png(overlay, out_dir / f"{stem}_overlay.png"),
+        "panel": viz.save_png(panel, out_dir / f"{stem}_panel.png"),
         "map": save_npy(raw.numpy().astype(np.float32), out_dir / f"{stem}_map.npy"),
     }
     return {kind: str(path) for kind, path in files.items()}

@@ -6,6 +6,7 @@ import difflib
 import numbers
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from gradcam.errors import GradCAMError
@@ -22,6 +23,8 @@ def resolve(logits: torch.Tensor, targets: TargetSpec) -> torch.Tensor:
     batch, num_classes = logits.shape
     if targets is None:
         return logits.argmax(dim=1)
+    if isinstance(targets, np.ndarray):
+        targets = torch.from_numpy(targets)
     if isinstance(targets, bool):
         raise GradCAMError(f"targets must be class indices, got {targets!r}")
     if isinstance(targets, numbers.Integral):
@@ -62,9 +65,15 @@ def parse_class(spec: str, labels: Sequence[str]) -> int:
         if not 0 <= index < len(labels):
             raise GradCAMError(f"target class {index} is out of range; expected 0..{len(labels) - 1}")
         return index
+    if text in labels:
+        return list(labels).index(text)
     lowered = [label.lower() for label in labels]
-    if text.lower() in lowered:
-        return lowered.index(text.lower())
+    matches = [index for index, label in enumerate(lowered) if label == text.lower()]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        options = ", ".join(f"{labels[i]!r} ({i})" for i in matches)
+        raise GradCAMError(f"target class '{text}' is ambiguous: {options}; give the exact name or index")
     close = difflib.get_close_matches(text.lower(), lowered, n=3, cutoff=0.6)
     hint = f"; did you mean {', '.join(repr(labels[lowered.index(c)]) for c in close)}?" if close else ""
     raise GradCAMError(f"target class '{text}' is not a class name or index of this model{hint}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io as _io
 import os
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -15,6 +16,9 @@ from PIL import Image
 
 from gradcam.errors import GradCAMError
 from gradcam.files import atomic_write_bytes
+
+#: Pictures in a panel are reduced to at most this many pixels on their long side.
+PANEL_PICTURE_SIZE = 640
 
 
 def _as_array(saliency: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -68,8 +72,15 @@ def panel(
     cmap: str = "jet",
     alpha: float = 0.5,
 ) -> Image.Image:
-    """Original | heatmap | overlay side by side, titled (e.g. with class name and probability)."""
+    """Original | heatmap | overlay side by side, titled (e.g. with class name and probability).
+
+    The panel is a figure about 900 pixels wide, so large images are first reduced to that scale. The
+    title is drawn as plain text (a '$' in a file name is not TeX).
+    """
     base = image.convert("RGB")
+    if max(base.size) > PANEL_PICTURE_SIZE:
+        base = base.copy()
+        base.thumbnail((PANEL_PICTURE_SIZE, PANEL_PICTURE_SIZE), Image.Resampling.BILINEAR)
     fitted = _fit(_as_array(saliency), base.size)
     pictures = [
         ("image", base),
@@ -85,10 +96,13 @@ def panel(
         axes.set_title(name, fontsize=9)
         axes.axis("off")
     if title:
-        figure.suptitle(title, fontsize=11)
-    figure.tight_layout()
+        figure.suptitle(title, fontsize=11, parse_math=False)
     buffer = _io.BytesIO()
-    figure.savefig(buffer, format="png")
+    with warnings.catch_warnings():
+        # Characters the default font lacks (CJK file names) are drawn as boxes; no warning on stderr.
+        warnings.filterwarnings("ignore", message="Glyph .* missing from", category=UserWarning)
+        figure.tight_layout()
+        figure.savefig(buffer, format="png")
     buffer.seek(0)
     with Image.open(buffer) as rendered:
         return rendered.convert("RGB")

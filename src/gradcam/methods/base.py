@@ -43,6 +43,15 @@ def _check_device(model: nn.Module, inputs: torch.Tensor) -> None:
         )
 
 
+def _check_not_inference(model: nn.Module) -> None:
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(tensor.is_inference() for tensor in tensors):
+        raise GradCAMError(
+            "the model's parameters or buffers are inference tensors (created under "
+            "torch.inference_mode()); load or build the model outside inference mode"
+        )
+
+
 def _check_logits(output: object, batch: int) -> torch.Tensor:
     if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != batch:
         got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
@@ -98,6 +107,7 @@ class CAM:
         """Explain ``inputs`` (B,C,H,W) for ``targets`` (None: each image's top-1 class)."""
         inputs = _check_inputs(inputs)
         _check_device(self.model, inputs)
+        _check_not_inference(self.model)
         layers = self._resolved_layers(inputs)
         batch, size = inputs.shape[0], (inputs.shape[2], inputs.shape[3])
         with capture(self.model, layers) as (captured, run):
@@ -107,8 +117,8 @@ class CAM:
             scores = logits.gather(1, ids[:, None])[:, 0]
             if not scores.requires_grad:
                 raise GradCAMError(
-                    f"the model output does not depend on layer '{layers[0][0]}'; "
-                    "choose a layer on the path to the output"
+                    f"no gradient reaches layer '{layers[0][0]}' from the model output: choose a layer on "
+                    "the path to the output (does the model run it under torch.no_grad() or detach it?)"
                 )
             grads = torch.autograd.grad(scores.sum(), captured.activations, allow_unused=True)
         logits = logits.detach().float()
@@ -122,7 +132,10 @@ class CAM:
         results = []
         for (name, _), activation, grad in zip(layers, captured.activations, grads, strict=True):
             if grad is None:
-                raise GradCAMError(f"the model output does not depend on layer '{name}'")
+                raise GradCAMError(
+                    f"no gradient reaches layer '{name}' from the model output: choose a layer on the "
+                    "path to the output (does the model run it under torch.no_grad() or detach it?)"
+                )
             if self.counterfactual:
                 grad = -grad
             raw = self._map(activation.detach(), grad).float()

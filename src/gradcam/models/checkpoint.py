@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -22,9 +23,15 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise GradCAMError(f"weights file {file}: no such file")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises many types for a bad file; all mean the same here
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise GradCAMError(f"weights file {file}: not a loadable state dict ({reason})") from None
+    except pickle.UnpicklingError as error:
+        if "Weights only load failed" in str(error):
+            raise GradCAMError(
+                f"weights file {file}: holds objects other than tensors; refused (only plain state dicts "
+                "are loaded, so that no code from the file can run)"
+            ) from None
+        raise GradCAMError(f"weights file {file}: not a PyTorch state dict file") from None
+    except Exception:  # torch raises many types for a corrupt file; all mean the same here
+        raise GradCAMError(f"weights file {file}: not a PyTorch state dict file") from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
