@@ -1,19 +1,21 @@
-"""The engine every gradient CAM method shares: layers, capture, targets, maps, Explanation.
+"""The engine every CAM method shares: layers, capture, targets, maps, Explanation.
 
-A method subclasses :class:`CAM` and overrides one small function, :meth:`CAM.channel_weights`,
-that turns a layer's activations A (B,K,h,w) and gradients G = dy^c/dA into channel weights
-alpha (B,K). The base class computes L^c = ReLU(sum_k alpha_k^c A^k) and everything around it.
+A method subclasses :class:`CAM` and overrides one small function: :meth:`CAM.channel_weights`, which
+turns a layer's activations A (B,K,h,w) and gradients G = dy^c/dA into channel weights alpha (B,K)
+(the base class then computes L^c = ReLU(sum_k alpha_k^c A^k)), or :meth:`CAM.layer_map` for methods
+whose map is not a weighted sum of channels.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from gradcam import layers as _layers
-from gradcam.capture import capture, resolve_module
+from gradcam.capture import capture, eval_mode, resolve_module
 from gradcam.errors import GradCAMError
 from gradcam.explanation import Explanation, normalise, upsample
 from gradcam.targets import TargetSpec, resolve
@@ -59,8 +61,23 @@ def _check_logits(output: object, batch: int) -> torch.Tensor:
     return output
 
 
+@dataclass(frozen=True)
+class MapContext:
+    """What a method may need beyond A and G: the model, the batch and the explained classes."""
+
+    model: nn.Module
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    logits: torch.Tensor
+    layer: str
+    module: nn.Module
+
+
 class CAM:
-    """Base of the gradient CAM methods. Holds the model and layer choice, no state between calls.
+    """Base of the CAM methods. Holds the model and layer choice, no state between calls.
+
+    A method overrides :meth:`channel_weights` (alpha from A and G), or :meth:`layer_map` when its map is
+    not a weighted sum of channels. Methods that need no gradient set ``uses_gradients = False``.
 
     Args:
         model: a classifier returning pre-softmax scores (B, classes). Left exactly as found: the call
@@ -69,14 +86,18 @@ class CAM:
         layer: None (automatic, see :func:`gradcam.find_layer`), a qualified module name such as
             ``"layer4"``, the module itself, or a list of these (then a call returns one Explanation
             per layer from a single forward and backward pass).
-        counterfactual: use -dy^c/dA, highlighting regions that speak against the class.
+        counterfactual: use -dy^c/dA, highlighting regions that speak against the class (gradient
+            methods only).
     """
 
     method = "cam"
+    uses_gradients = True
 
     def __init__(self, model: nn.Module, layer: LayersSpec = None, *, counterfactual: bool = False) -> None:
         if not isinstance(model, nn.Module):
             raise GradCAMError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if counterfactual and not self.uses_gradients:
+            raise GradCAMError(f"counterfactual maps need gradients; {self.method} uses none")
         self.model = model
         self.counterfactual = counterfactual
         self._multi = isinstance(layer, Sequence) and not isinstance(layer, str)
@@ -91,6 +112,13 @@ class CAM:
     def channel_weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         """Channel weights alpha (B,K) from activations A and gradients G, both (B,K,h,w)."""
         raise NotImplementedError
+
+    def layer_map(
+        self, activations: torch.Tensor, gradients: torch.Tensor | None, context: MapContext
+    ) -> torch.Tensor:
+        """The raw (B,h,w) map of one layer; by default ReLU(sum_k alpha_k A^k)."""
+        weights = self.channel_weights(activations, gradients)
+        return torch.relu(torch.einsum("bk,bkhw->bhw", weights, activations))
 
     def _resolved_layers(self, inputs: torch.Tensor) -> list[tuple[str, nn.Module]]:
         if self._layers != [None]:
@@ -110,41 +138,48 @@ class CAM:
         _check_not_inference(self.model)
         layers = self._resolved_layers(inputs)
         batch, size = inputs.shape[0], (inputs.shape[2], inputs.shape[3])
-        with capture(self.model, layers) as (captured, run):
+        with torch.inference_mode(False), eval_mode(self.model):
             x = inputs.clone() if inputs.is_inference() else inputs
-            logits = _check_logits(run(x), batch)
-            ids = resolve(logits.detach(), targets)
-            scores = logits.gather(1, ids[:, None])[:, 0]
-            if not scores.requires_grad:
-                raise GradCAMError(
-                    f"no gradient reaches layer '{layers[0][0]}' from the model output: choose a layer on "
-                    "the path to the output (does the model run it under torch.no_grad() or detach it?)"
-                )
-            grads = torch.autograd.grad(scores.sum(), captured.activations, allow_unused=True)
-        logits = logits.detach().float()
+            with capture(self.model, layers) as (captured, run):
+                logits = _check_logits(run(x), batch)
+                ids = resolve(logits.detach(), targets)
+                scores = logits.gather(1, ids[:, None])[:, 0]
+                grads = self._gradients(scores, captured.activations, layers[0][0])
+            logits = logits.detach().float()
+            raws = []
+            for (name, module), activation, grad in zip(layers, captured.activations, grads, strict=True):
+                if self.uses_gradients and grad is None:
+                    raise GradCAMError(_no_gradient(name))
+                if grad is not None and self.counterfactual:
+                    grad = -grad
+                context = MapContext(self.model, x, ids, logits, name, module)
+                raws.append(self.layer_map(activation.detach(), grad, context).float())
         probs = torch.softmax(logits, dim=1).gather(1, ids[:, None])[:, 0]
         shared = {
             "targets": ids.cpu(),
             "scores": scores.detach().float().cpu(),
             "probs": probs.cpu(),
             "logits": logits.cpu(),
+            "method": self.method,
         }
-        results = []
-        for (name, _), activation, grad in zip(layers, captured.activations, grads, strict=True):
-            if grad is None:
-                raise GradCAMError(
-                    f"no gradient reaches layer '{name}' from the model output: choose a layer on the "
-                    "path to the output (does the model run it under torch.no_grad() or detach it?)"
-                )
-            if self.counterfactual:
-                grad = -grad
-            raw = self._map(activation.detach(), grad).float()
-            maps = normalise(upsample(raw, size))
-            results.append(
-                Explanation(raw=raw.cpu(), maps=maps.cpu(), layer=name, method=self.method, **shared)
-            )
+        results = [
+            Explanation(raw=raw.cpu(), maps=normalise(upsample(raw, size)).cpu(), layer=name, **shared)
+            for (name, _), raw in zip(layers, raws, strict=True)
+        ]
         return results if self._multi else results[0]
 
-    def _map(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-        weights = self.channel_weights(activations, gradients)
-        return torch.relu(torch.einsum("bk,bkhw->bhw", weights, activations))
+    def _gradients(
+        self, scores: torch.Tensor, activations: list[torch.Tensor | None], first: str
+    ) -> Sequence[torch.Tensor | None]:
+        if not self.uses_gradients:
+            return [None] * len(activations)
+        if not scores.requires_grad:
+            raise GradCAMError(_no_gradient(first))
+        return torch.autograd.grad(scores.sum(), activations, allow_unused=True)
+
+
+def _no_gradient(layer: str) -> str:
+    return (
+        f"no gradient reaches layer '{layer}' from the model output: choose a layer on the path to the "
+        "output (does the model run it under torch.no_grad() or detach it?)"
+    )
