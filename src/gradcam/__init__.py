@@ -13,7 +13,7 @@ from gradcam import io, methods, models, viz
 from gradcam.errors import GradCAMError, ImageLoadError
 from gradcam.explanation import Explanation
 from gradcam.layers import LayerInfo, find_layer, list_layers
-from gradcam.methods import GradCAM
+from gradcam.methods import GradCAM, GuidedBackprop, GuidedGradCAM
 
 __version__ = "0.1.0"
 
@@ -21,6 +21,8 @@ __all__ = [
     "Explanation",
     "GradCAM",
     "GradCAMError",
+    "GuidedBackprop",
+    "GuidedGradCAM",
     "ImageLoadError",
     "LayerInfo",
     "find_layer",

@@ -5,6 +5,7 @@ from __future__ import annotations
 from gradcam.errors import GradCAMError
 from gradcam.methods.base import CAM
 from gradcam.methods.gradient import GradCAM
+from gradcam.methods.guided import GuidedBackprop, GuidedGradCAM
 
 _REGISTRY: dict[str, type[CAM]] = {"gradcam": GradCAM}
 
@@ -22,4 +23,4 @@ def get(name: str) -> type[CAM]:
         raise GradCAMError(f"method '{name}' not found; available: {', '.join(_REGISTRY)}") from None
 
 
-__all__ = ["CAM", "GradCAM", "get", "names"]
+__all__ = ["CAM", "GradCAM", "GuidedBackprop", "GuidedGradCAM", "get", "names"]
