@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -19,6 +21,28 @@ class TinyHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(self.relu(self.conv(x))).flatten(1))
+
+
+class SpatialHead(nn.Module):
+    """conv (explained) -> ReLU -> 1x1 conv -> position-weighted sum -> linear: gradients vary by position."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3, padding=1)
+        self.mix = nn.Conv2d(5, 6, 1)
+        self.register_buffer("where", torch.rand(1, 1, 6, 7))
+        self.fc = nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc((torch.relu(self.mix(torch.relu(self.conv(x)))) * self.where).sum(dim=(2, 3)))
+
+    def reference(self, x: torch.Tensor, targets: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """A = conv(x) and G = dS^c/dA by plain autograd, as numpy arrays (B,K,h,w)."""
+        activations = F.conv2d(x, self.conv.weight, self.conv.bias, padding=1).detach().requires_grad_(True)
+        head = (torch.relu(self.mix(torch.relu(activations))) * self.where).sum(dim=(2, 3))
+        scores = self.fc(head)[torch.arange(len(targets)), targets]
+        (gradients,) = torch.autograd.grad(scores.sum(), activations)
+        return activations.detach().numpy(), gradients.numpy()
 
 
 @pytest.fixture(autouse=True)

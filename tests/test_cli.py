@@ -216,3 +216,61 @@ def test_usage_mistakes_in_a_real_process(tmp_path: Path) -> None:
         assert result.returncode == 2, args
         assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
         assert message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_method_fused_layers_and_smoothing_options(tmp_path: Path) -> None:
+    import gradcam as library
+
+    args = [
+        "explain",
+        str(CAT),
+        "--method",
+        "gradcam++",
+        "--layer",
+        "_blocks.15",
+        "--layer",
+        "_bn1",
+        "--eigen-smooth",
+        "--out",
+        str(tmp_path),
+        "--json",
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.stderr
+    document = json.loads(result.stdout)
+    assert document["method"] == "gradcam++" and document["layer"] == "_blocks.15+_bn1"
+    explained = document["results"][0]["explanations"][0]
+    assert explained["files"]["map"].endswith("_gradcampp_map.npy")
+    loaded = library.models.load()
+    batch = loaded.preprocess(library.io.load_image(CAT))[None]
+    cam = library.GradCAMPlusPlus(loaded.module, ["_blocks.15", "_bn1"])
+    expected = library.explanation.fuse(cam(batch, eigen_smooth=True)).raw[0].numpy()
+    np.testing.assert_allclose(np.load(explained["files"]["map"]), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_methods_lists_every_method() -> None:
+    import gradcam as library
+
+    result = CliRunner().invoke(app, ["methods"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for name in library.methods.names():
+        assert f" {name} " in result.stdout
+    bad = CliRunner().invoke(app, ["explain", str(CAT), "--method", "gradcam+"])
+    assert bad.exit_code == 2 and "method 'gradcam+' not found" in bad.stderr
+
+
+def test_guided_writes_guided_backprop_and_guided_gradcam(tmp_path: Path) -> None:
+    import gradcam as library
+
+    result = CliRunner().invoke(app, ["explain", str(COFFEE), "--guided", "--out", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.stderr
+    files = json.loads(result.stdout)["results"][0]["explanations"][0]["files"]
+    loaded = library.models.load()
+    batch = loaded.preprocess(library.io.load_image(COFFEE))[None]
+    gradient = library.GuidedBackprop(loaded.module)(batch)[0].numpy()
+    product = library.GuidedGradCAM(loaded.module)(batch)[0].numpy()
+    for kind, values in (("guided-backprop", gradient), ("guided-gradcam", product)):
+        display = np.clip(0.5 + 0.1 * (values - values.mean()) / (values.std() + 1e-5), 0, 1)
+        expected = (display * 255).round().transpose(1, 2, 0)
+        written = np.asarray(Image.open(files[kind]), dtype=np.float64)
+        assert np.abs(written - expected).max() <= 1

@@ -132,6 +132,9 @@ def test_input_tensor_untouched() -> None:
     gradcam.GradCAM(model, "conv")(x)
     assert torch.equal(x, original)
     assert not x.requires_grad and x.grad is None
+    leading_inplace = nn.Sequential(nn.ReLU(inplace=True), TinyHead()).eval()
+    gradcam.GradCAM(leading_inplace, "1.conv")(x)
+    assert torch.equal(x, original)
     leaf = torch.randn(1, 3, 8, 8, requires_grad=True)
     gradcam.GradCAM(model, "conv")(leaf)
     assert leaf.grad is None
@@ -167,3 +170,11 @@ def test_no_graph_before_the_layer_and_no_parameter_gradients() -> None:
     assert before.seen == [(False, False)]
     assert after.seen == [(True, True)]
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("method", gradcam.methods.names())
+def test_every_method_leaves_the_model_as_found(method: str) -> None:
+    model = mixed_state_resnet()
+    before = snapshot(model)
+    gradcam.methods.get(method)(model, "layer4")(torch.randn(2, 3, 32, 32), [1, 2])
+    assert_same_state(before, snapshot(model))

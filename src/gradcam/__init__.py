@@ -13,18 +13,36 @@ from gradcam import io, methods, models, viz
 from gradcam.errors import GradCAMError, ImageLoadError
 from gradcam.explanation import Explanation
 from gradcam.layers import LayerInfo, find_layer, list_layers
-from gradcam.methods import GradCAM, GuidedBackprop, GuidedGradCAM
+from gradcam.methods import (
+    EigenCAM,
+    EigenGradCAM,
+    GradCAM,
+    GradCAMPlusPlus,
+    GuidedBackprop,
+    GuidedGradCAM,
+    HiResCAM,
+    LayerCAM,
+    RandomCAM,
+    XGradCAM,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EigenCAM",
+    "EigenGradCAM",
     "Explanation",
     "GradCAM",
+    "GradCAMPlusPlus",
     "GradCAMError",
     "GuidedBackprop",
     "GuidedGradCAM",
+    "HiResCAM",
     "ImageLoadError",
+    "LayerCAM",
     "LayerInfo",
+    "RandomCAM",
+    "XGradCAM",
     "find_layer",
     "io",
     "list_layers",

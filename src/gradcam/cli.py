@@ -16,10 +16,11 @@ from rich.markup import escape
 from rich.table import Table
 from typer.exceptions import TyperException
 
-from gradcam import io, models
+from gradcam import io, methods, models, viz
 from gradcam.errors import GradCAMError, ImageLoadError
+from gradcam.explanation import Explanation, fuse
 from gradcam.layers import choose_layer, list_layers
-from gradcam.methods import GradCAM
+from gradcam.methods import CAM, GuidedBackprop
 from gradcam.outputs import slug, write_explanation
 from gradcam.targets import parse_class
 
@@ -102,10 +103,24 @@ def _targets_per_image(first, targets: list[int], topk: int) -> list[list[int]]:
     return wanted
 
 
+@dataclass
+class _Explainer:
+    """The chosen method and options, called the same way for every batch."""
+
+    cam: CAM
+    aug_smooth: bool = False
+    eigen_smooth: bool = False
+    guided: bool = False
+
+    def __call__(self, batch: torch.Tensor, targets: object = None) -> Explanation:
+        result = self.cam(batch, targets, aug_smooth=self.aug_smooth, eigen_smooth=self.eigen_smooth)
+        return fuse(result) if isinstance(result, list) else result
+
+
 def _explain_batch(
     items: list[_Item],
     loaded: models.LoadedModel,
-    cam: GradCAM,
+    explainer: _Explainer,
     targets: list[int],
     topk: int,
     out: Path,
@@ -114,7 +129,7 @@ def _explain_batch(
     """Explain one batch for every wanted class and write the files; returns the explained layer."""
     device = next(loaded.module.parameters()).device
     batch = torch.stack([item.tensor for item in items]).to(device)
-    first = cam(batch)  # each image's top-1; its logits rank the classes for every other target
+    first = explainer(batch)  # each image's top-1; its logits rank the classes for every other target
     probabilities = first.logits.softmax(dim=1)
     top_probs, top_ids = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
     per_image = _targets_per_image(first, targets, topk)
@@ -123,42 +138,64 @@ def _explain_batch(
             {"index": int(i), "class": loaded.labels[int(i)], "probability": round(float(p), 6)}
             for p, i in zip(top_probs[row], top_ids[row], strict=True)
         ]
-    suffix = "_counterfactual" if cam.counterfactual else ""
-    for slot in range(max(len(wanted) for wanted in per_image)):
-        # Images with fewer targets repeat their last one; those repeats are not written twice.
-        ids = [wanted[min(slot, len(wanted) - 1)] for wanted in per_image]
-        explanation = first if ids == first.targets.tolist() else cam(batch, ids)
-        peaks = explanation.peaks().tolist()
+    # Images with fewer targets repeat their last one (not written twice); all rows in one call.
+    rows = max(len(wanted) for wanted in per_image)
+    ids = torch.tensor([[wanted[min(n, len(wanted) - 1)] for wanted in per_image] for n in range(rows)])
+    if ids.tolist() == [first.targets.tolist()]:
+        many, index_of = first, lambda n, row: (row,)
+    else:
+        many, index_of = explainer(batch, ids), lambda n, row: (n, row)
+    guided = _guided_gradients(explainer, batch, ids) if explainer.guided else None
+    peaks = many.peaks()
+    suffix = "_counterfactual" if explainer.cam.counterfactual else ""
+    method = explainer.cam.method
+    tag = "" if method == "gradcam" else f"_{slug(method.replace('+', 'p'))}"  # gradcam++ -> gradcampp
+    for n in range(rows):
         for row, item in enumerate(items):
-            if slot >= len(per_image[row]) or str(item.path) in {e["image"] for e in errors}:
+            if n >= len(per_image[row]) or str(item.path) in {e["image"] for e in errors}:
                 continue
-            index, name = ids[row], loaded.labels[ids[row]]
-            probability = float(explanation.probs[row])
-            title = f"{item.path.name}: {name} ({probability:.1%}){' counterfactual' if suffix else ''}"
+            at = index_of(n, row)
+            index, name = int(ids[n, row]), loaded.labels[int(ids[n, row])]
+            probability = float(many.probs[at])
+            kind = f"{method} counterfactual" if suffix else method
+            title = f"{item.path.name}: {name} ({probability:.1%}) {kind}"
+            extra = {}
+            if guided is not None:
+                # Guided Backprop, and Guided Grad-CAM = Guided Backprop x the (upsampled) map.
+                extra["guided-backprop"] = viz.guided_image(guided[n, row])
+                extra["guided-gradcam"] = viz.guided_image(guided[n, row] * many.maps[at])
             try:
                 files = write_explanation(
                     out,
-                    f"{item.stem}_{index}-{slug(name)}{suffix}",
+                    f"{item.stem}_{index}-{slug(name)}{tag}{suffix}",
                     loaded.preprocess.frame(item.image),
-                    explanation.maps[row],
-                    explanation.raw[row],
+                    many.maps[at],
+                    many.raw[at],
                     title,
+                    extra,
                 )
             except OSError as error:
                 reason = error.strerror or str(error)
                 _report(errors, item.path, f"{item.path}: cannot write its outputs ({reason})")
                 continue
+            peak_row, peak_col = peaks[at].tolist()
             item.explanations.append(
                 {
                     "index": index,
                     "class": name,
                     "probability": round(probability, 6),
-                    "score": round(float(explanation.scores[row]), 6),
-                    "peak": {"row": peaks[row][0], "col": peaks[row][1]},
+                    "score": round(float(many.scores[at]), 6),
+                    "peak": {"row": peak_row, "col": peak_col},
                     "files": files,
                 }
             )
-    return first.layer
+    return many.layer
+
+
+def _guided_gradients(explainer: _Explainer, batch: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(N,B,C,H,W) Guided Backpropagation gradients for each row of targets."""
+    guided = GuidedBackprop(explainer.cam.model)
+    return torch.stack([guided(batch, row.tolist()) for row in ids])
 
 
 @app.command()
@@ -168,10 +205,21 @@ def explain(
     weights: WeightsOption = None,
     labels: LabelsOption = None,
     random_weights: RandomOption = False,
-    layer: Annotated[str | None, typer.Option(help="Layer to explain (default: automatic).")] = None,
+    method: Annotated[str, typer.Option(help="Method (`gradcam methods` lists them).")] = "gradcam",
+    layer: Annotated[
+        list[str] | None,
+        typer.Option(help="Layer to explain (default: automatic); repeat for a fused multi-layer map."),
+    ] = None,
     target: Annotated[list[str] | None, typer.Option(help="Class index or name; repeat for several.")] = None,
     topk: Annotated[int, typer.Option(min=0, help="Explain each image's K best classes.")] = 0,
     counterfactual: Annotated[bool, typer.Option(help="Regions that speak against the class.")] = False,
+    guided: Annotated[
+        bool, typer.Option(help="Also write Guided Backprop and Guided Grad-CAM images.")
+    ] = False,
+    aug_smooth: Annotated[bool, typer.Option(help="Average over flips and scales (4 passes).")] = False,
+    eigen_smooth: Annotated[
+        bool, typer.Option(help="First principal component of the weighted activations.")
+    ] = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("gradcam-out"),
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead.")] = False,
@@ -181,7 +229,12 @@ def explain(
     try:
         loaded = _load_model(model, weights, labels, random_weights).to(torch_device)
         wanted = [parse_class(spec, loaded.labels) for spec in target or []]
-        cam = GradCAM(loaded.module, layer, counterfactual=counterfactual)
+        method_class = methods.get(method)
+        chosen = layer[0] if layer and len(layer) == 1 else (layer or None)
+        options = {"counterfactual": True} if counterfactual else {}
+        explainer = _Explainer(
+            method_class(loaded.module, chosen, **options), aug_smooth, eigen_smooth, guided
+        )
     except GradCAMError as error:
         raise _fail(str(error)) from None
     if out.exists() and not out.is_dir():
@@ -209,7 +262,7 @@ def explain(
         if not chunk:
             continue
         try:
-            layer_name = _explain_batch(chunk, loaded, cam, wanted, topk, out, errors)
+            layer_name = _explain_batch(chunk, loaded, explainer, wanted, topk, out, errors)
         except GradCAMError as error:
             raise _fail(str(error)) from None
         except RuntimeError as error:  # the model's own forward failed on these inputs
@@ -226,8 +279,10 @@ def explain(
         document = {
             "model": loaded.name,
             "layer": layer_name,
-            "method": "gradcam",
+            "method": method,
             "counterfactual": counterfactual,
+            "aug_smooth": aug_smooth,
+            "eigen_smooth": eigen_smooth,
             "results": [
                 {"image": str(i.path), "predictions": i.predictions, "explanations": i.explanations}
                 for i in done
@@ -236,17 +291,17 @@ def explain(
         }
         sys.stdout.write(json.dumps(document, indent=2) + "\n")
     elif done:
-        _print_results(done, loaded.name, layer_name)
+        _print_results(done, loaded.name, layer_name, method)
     if errors:
         raise typer.Exit(1)
 
 
-def _print_results(items: list[_Item], model: str, layer: str | None) -> None:
+def _print_results(items: list[_Item], model: str, layer: str | None, method: str) -> None:
     for item in items:
         top5 = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in item.predictions)
         stdout.print(f"{item.path} top-5: {top5}", markup=False, highlight=False)
     folders = {str(Path(path).parent) for i in items for e in i.explanations for path in e["files"].values()}
-    table = Table(title=escape(f"Grad-CAM · {model} · layer {layer}"))
+    table = Table(title=escape(f"{method} · {model} · layer {layer}"))
     table.add_column("image", overflow="fold")
     table.add_column("class", overflow="fold")
     table.add_column("prob.", justify="right")
@@ -298,6 +353,17 @@ def layers_command(
         table.add_row(
             str(number), info.name, info.kind, "x".join(map(str, shape or ())) or "-", str(info.calls), note
         )
+    stdout.print(table)
+
+
+@app.command("methods")
+def methods_command() -> None:
+    """List the explanation methods `--method` accepts."""
+    table = Table(title="Methods")
+    table.add_column("name", no_wrap=True)
+    table.add_column("what it is", overflow="fold")
+    for name in methods.names():
+        table.add_row(name, escape(methods.describe(name)))
     stdout.print(table)
 
 

@@ -2,55 +2,101 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
 
+from gradcam.errors import GradCAMError
+
 
 def upsample(raw: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear upsampling (align_corners=False) of (B,h,w) maps to (B,H,W)."""
-    return F.interpolate(raw[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    """Bilinear upsampling (align_corners=False) of (..., h, w) maps to (..., H, W)."""
+    leading = raw.shape[:-2]
+    flat = raw.reshape(-1, 1, *raw.shape[-2:])
+    resized = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+    return resized.reshape(*leading, *size)
 
 
 def normalise(maps: torch.Tensor) -> torch.Tensor:
     """Divide each (H,W) map by its own maximum; an all-zero map stays zero (never NaN)."""
-    peak = maps.flatten(1).amax(dim=1).clamp_min(0)
+    peak = maps.flatten(-2).amax(dim=-1).clamp_min(0)
     scale = torch.where(peak > 0, peak, torch.ones_like(peak))
-    return maps / scale[:, None, None]
+    return maps / scale[..., None, None]
 
 
 @dataclass
 class Explanation:
-    """Maps for a batch of B images, one target class each. Tensors are detached, on the CPU.
+    """Maps for a batch of B images. Tensors are detached, on the CPU.
+
+    With one target per image (the usual call) the leading shape is (B,); with several targets per
+    image (``targets="all"`` or ``topk=k``) it is (N,B): row n holds every image's n-th target.
 
     Attributes:
-        raw: (B,h,w) map at the layer's resolution, not normalised (for Grad-CAM,
+        raw: (B,h,w) or (N,B,h,w) map at the layer's resolution, not normalised (for Grad-CAM,
             ReLU(sum_k alpha_k^c A^k)).
-        maps: (B,H,W) ``raw`` upsampled bilinearly to the input's size, each divided by its maximum.
-        targets: (B,) class index explained for each image.
-        scores: (B,) the target's pre-softmax score y^c.
-        probs: (B,) the target's softmax probability.
+        targets: (B,) or (N,B) class index explained.
+        scores: (B,) or (N,B) the target's pre-softmax score y^c.
+        probs: (B,) or (N,B) the target's softmax probability.
         layer: qualified name of the explained module.
         method: the method's name, e.g. "gradcam".
-        logits: (B,classes) the model's pre-softmax output for the batch (one forward serves all
-            targets, e.g. to read the top-k predictions).
+        logits: (B,classes) the model's pre-softmax output for the batch.
+        input_size: (H, W) of the explained inputs.
+        maps: (B,H,W) or (N,B,H,W), ``raw`` upsampled bilinearly to ``input_size``, each map divided by
+            its own maximum. Computed on first access (for all 1000 classes it is large).
     """
 
     raw: torch.Tensor
-    maps: torch.Tensor
     targets: torch.Tensor
     scores: torch.Tensor
     probs: torch.Tensor
     layer: str
     method: str
     logits: torch.Tensor | None = None
+    input_size: tuple[int, int] | None = None
+    _maps: torch.Tensor | None = field(default=None, repr=False)
+
+    @cached_property
+    def maps(self) -> torch.Tensor:
+        if self._maps is not None:
+            return self._maps
+        size = self.input_size or tuple(self.raw.shape[-2:])
+        return normalise(upsample(self.raw, size))
 
     def __len__(self) -> int:
-        return self.raw.shape[0]
+        return self.targets.shape[-1]
 
     def peaks(self) -> torch.Tensor:
-        """(B,2) long tensor of each map's maximum location as (row, column) in input pixels."""
-        flat = self.maps.flatten(1).argmax(dim=1)
-        width = self.maps.shape[2]
-        return torch.stack([flat // width, flat % width], dim=1)
+        """Each map's maximum location as (row, column) in input pixels: shape (..., 2), long."""
+        flat = self.maps.flatten(-2).argmax(dim=-1)
+        width = self.maps.shape[-1]
+        return torch.stack([flat // width, flat % width], dim=-1)
+
+
+def fuse(explanations: Sequence[Explanation]) -> Explanation:
+    """One map from several layers' explanations of the same batch and targets.
+
+    Each layer's map is upsampled to the input size and normalised (``maps``); the fused map is their
+    element-wise maximum (as in LayerCAM's multi-layer fusion, Jiang et al., TIP 2021). Its ``raw`` is
+    that map, at the input's resolution.
+    """
+    if not explanations:
+        raise GradCAMError("fuse needs at least one explanation")
+    first = explanations[0]
+    for other in explanations[1:]:
+        if other.maps.shape != first.maps.shape or not torch.equal(other.targets, first.targets):
+            raise GradCAMError("fuse needs explanations of the same batch, targets and input size")
+    fused = torch.stack([e.maps for e in explanations]).amax(dim=0)
+    return Explanation(
+        raw=fused,
+        targets=first.targets,
+        scores=first.scores,
+        probs=first.probs,
+        layer="+".join(e.layer for e in explanations),
+        method=first.method,
+        logits=first.logits,
+        input_size=first.input_size,
+        _maps=normalise(fused),
+    )

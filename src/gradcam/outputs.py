@@ -25,11 +25,13 @@ def write_explanation(
     saliency: torch.Tensor,
     raw: torch.Tensor,
     title: str,
+    extra: dict[str, Image.Image] | None = None,
 ) -> dict[str, str]:
     """Write ``{stem}_overlay.png``, ``{stem}_panel.png`` and ``{stem}_map.npy`` under ``out_dir``.
 
     ``picture`` is the image the map registers with; ``saliency`` the normalised (H,W) map; ``raw`` the
-    un-normalised map at the layer's resolution. Returns the written paths by kind.
+    un-normalised map at the layer's resolution; ``extra`` more pictures by kind (written as
+    ``{stem}_{kind}.png``). Returns the written paths by kind.
     """
     # Everything is rendered before anything is written, so a rendering error leaves no partial set.
     overlay, panel = viz.overlay(picture, saliency), viz.panel(picture, saliency, title)
@@ -38,4 +40,6 @@ def write_explanation(
         "panel": viz.save_png(panel, out_dir / f"{stem}_panel.png"),
         "map": save_npy(raw.numpy().astype(np.float32), out_dir / f"{stem}_map.npy"),
     }
+    for kind, picture_ in (extra or {}).items():
+        files[kind] = viz.save_png(picture_, out_dir / f"{stem}_{kind}.png")
     return {kind: str(path) for kind, path in files.items()}

@@ -113,3 +113,21 @@ def save_png(picture: Image.Image, path: str | os.PathLike[str]) -> Path:
     buffer = _io.BytesIO()
     picture.save(buffer, format="PNG")
     return atomic_write_bytes(path, buffer.getvalue())
+
+
+def guided_image(gradient: torch.Tensor | np.ndarray) -> Image.Image:
+    """A (3,H,W) input-space gradient as an RGB picture, normalised for display the usual way.
+
+    As in the Grad-CAM authors' code: centre on the mean, divide by the standard deviation, scale by 0.1,
+    shift to 0.5 and clip to [0, 1]: x' = clip(0.5 + 0.1 (x - mean) / (std + 1e-5), 0, 1).
+    """
+    array = (
+        gradient.detach().to("cpu", torch.float32).numpy()
+        if isinstance(gradient, torch.Tensor)
+        else (np.asarray(gradient, dtype=np.float32))
+    )
+    if array.ndim != 3 or array.shape[0] != 3:
+        raise GradCAMError(f"guided gradient must be (3,H,W), got shape {array.shape}")
+    scaled = 0.5 + 0.1 * (array - array.mean()) / (array.std() + 1e-5)
+    pixels = (np.clip(scaled, 0.0, 1.0) * 255).round().astype(np.uint8)
+    return Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB")

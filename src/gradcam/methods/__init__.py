@@ -3,16 +3,32 @@
 from __future__ import annotations
 
 from gradcam.errors import GradCAMError
-from gradcam.methods.base import CAM
-from gradcam.methods.gradient import GradCAM
+from gradcam.methods.base import CAM, MapContext
+from gradcam.methods.baseline import RandomCAM
+from gradcam.methods.eigen import EigenCAM, EigenGradCAM
+from gradcam.methods.gradient import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from gradcam.methods.guided import GuidedBackprop, GuidedGradCAM
 
-_REGISTRY: dict[str, type[CAM]] = {"gradcam": GradCAM}
+_REGISTRY: dict[str, type[CAM]] = {
+    "gradcam": GradCAM,
+    "gradcam++": GradCAMPlusPlus,
+    "xgradcam": XGradCAM,
+    "hirescam": HiResCAM,
+    "layercam": LayerCAM,
+    "eigencam": EigenCAM,
+    "eigengradcam": EigenGradCAM,
+    "random": RandomCAM,
+}
 
 
 def names() -> list[str]:
     """CLI names of the available methods."""
     return list(_REGISTRY)
+
+
+def describe(name: str) -> str:
+    """One line saying what a method is: the first line of its docstring."""
+    return " ".join((get(name).__doc__ or name).split("\n\n")[0].split())
 
 
 def get(name: str) -> type[CAM]:
@@ -23,4 +39,20 @@ def get(name: str) -> type[CAM]:
         raise GradCAMError(f"method '{name}' not found; available: {', '.join(_REGISTRY)}") from None
 
 
-__all__ = ["CAM", "GradCAM", "GuidedBackprop", "GuidedGradCAM", "get", "names"]
+__all__ = [
+    "CAM",
+    "EigenCAM",
+    "EigenGradCAM",
+    "GradCAM",
+    "GradCAMPlusPlus",
+    "GuidedBackprop",
+    "GuidedGradCAM",
+    "HiResCAM",
+    "LayerCAM",
+    "MapContext",
+    "RandomCAM",
+    "XGradCAM",
+    "describe",
+    "get",
+    "names",
+]

@@ -8,16 +8,18 @@ whose map is not a weighted sum of channels.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gradcam import layers as _layers
 from gradcam.capture import capture, eval_mode, resolve_module
 from gradcam.errors import GradCAMError
-from gradcam.explanation import Explanation, normalise, upsample
+from gradcam.explanation import Explanation, upsample
+from gradcam.methods.pca import first_component
 from gradcam.targets import TargetSpec, resolve
 
 LayerSpec = str | nn.Module | None
@@ -92,6 +94,8 @@ class CAM:
 
     method = "cam"
     uses_gradients = True
+    #: False for methods whose map ignores the class (Eigen-CAM): computed once for all targets.
+    class_specific = True
 
     def __init__(self, model: nn.Module, layer: LayersSpec = None, *, counterfactual: bool = False) -> None:
         if not isinstance(model, nn.Module):
@@ -110,15 +114,24 @@ class CAM:
         self._auto: dict[tuple, tuple[str, nn.Module]] = {}
 
     def channel_weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-        """Channel weights alpha (B,K) from activations A and gradients G, both (B,K,h,w)."""
+        """Channel weights alpha (..., K) from activations A (B,K,h,w) and gradients G (..., B,K,h,w).
+
+        Written with negative dimensions, so that G may carry a leading dimension of several targets.
+        """
         raise NotImplementedError
+
+    def weighted_activations(
+        self, activations: torch.Tensor, gradients: torch.Tensor | None, context: MapContext
+    ) -> torch.Tensor:
+        """The per-channel terms (..., K, h, w) whose channel sum is the map before its ReLU."""
+        return self.channel_weights(activations, gradients)[..., None, None] * activations
 
     def layer_map(
         self, activations: torch.Tensor, gradients: torch.Tensor | None, context: MapContext
     ) -> torch.Tensor:
-        """The raw (B,h,w) map of one layer; by default ReLU(sum_k alpha_k A^k)."""
+        """The raw (..., h, w) map of one layer; by default ReLU(sum_k alpha_k A^k)."""
         weights = self.channel_weights(activations, gradients)
-        return torch.relu(torch.einsum("bk,bkhw->bhw", weights, activations))
+        return torch.relu(torch.einsum("...k,...khw->...hw", weights, activations))
 
     def _resolved_layers(self, inputs: torch.Tensor) -> list[tuple[str, nn.Module]]:
         if self._layers != [None]:
@@ -131,51 +144,227 @@ class CAM:
             self._auto[key] = resolve_module(self.model, name)
         return [self._auto[key]]
 
-    def __call__(self, inputs: torch.Tensor, targets: TargetSpec = None) -> Explanation | list[Explanation]:
-        """Explain ``inputs`` (B,C,H,W) for ``targets`` (None: each image's top-1 class)."""
+    def __call__(
+        self,
+        inputs: torch.Tensor,
+        targets: TargetSpec | str = None,
+        *,
+        topk: int | None = None,
+        eigen_smooth: bool = False,
+        aug_smooth: bool = False,
+    ) -> Explanation | list[Explanation]:
+        """Explain ``inputs`` (B,C,H,W).
+
+        Args:
+            targets: None (each image's top-1 class), an int, B ints, ``"all"`` (every class: the
+                result has a leading dimension of N = classes) or an (N,B) integer tensor.
+            topk: explain each image's k best classes instead (leading dimension N = k).
+            eigen_smooth: replace the map by the first principal component of the weighted activations
+                (the per-channel terms whose sum is the map), as pytorch-grad-cam's option.
+            aug_smooth: average over test-time augmentation: the image and its horizontal mirror at
+                scales 1 and 1.25; each map is mapped back to the original geometry (resized to the
+                layer's grid of the original input, mirrored back) before averaging.
+
+        All targets come from ONE forward pass; several targets per image are differentiated in chunks
+        with one batched backward each (``torch.autograd.grad(..., is_grads_batched=True)``).
+        """
         inputs = _check_inputs(inputs)
         _check_device(self.model, inputs)
         _check_not_inference(self.model)
         layers = self._resolved_layers(inputs)
-        batch, size = inputs.shape[0], (inputs.shape[2], inputs.shape[3])
-        with torch.inference_mode(False), eval_mode(self.model):
-            x = inputs.clone() if inputs.is_inference() else inputs
-            with capture(self.model, layers) as (captured, run):
-                logits = _check_logits(run(x), batch)
-                ids = resolve(logits.detach(), targets)
-                scores = logits.gather(1, ids[:, None])[:, 0]
-                grads = self._gradients(scores, captured.activations, layers[0][0])
-            logits = logits.detach().float()
-            raws = []
-            for (name, module), activation, grad in zip(layers, captured.activations, grads, strict=True):
-                if self.uses_gradients and grad is None:
-                    raise GradCAMError(_no_gradient(name))
-                if grad is not None and self.counterfactual:
-                    grad = -grad
-                context = MapContext(self.model, x, ids, logits, name, module)
-                raws.append(self.layer_map(activation.detach(), grad, context).float())
-        probs = torch.softmax(logits, dim=1).gather(1, ids[:, None])[:, 0]
-        shared = {
-            "targets": ids.cpu(),
-            "scores": scores.detach().float().cpu(),
-            "probs": probs.cpu(),
-            "logits": logits.cpu(),
-            "method": self.method,
-        }
-        results = [
-            Explanation(raw=raw.cpu(), maps=normalise(upsample(raw, size)).cpu(), layer=name, **shared)
-            for (name, _), raw in zip(layers, raws, strict=True)
-        ]
+        if aug_smooth:
+            results = self._augmented(inputs, targets, topk, eigen_smooth, layers)
+        else:
+            results = self._explain(inputs, targets, topk, eigen_smooth, layers)
         return results if self._multi else results[0]
 
-    def _gradients(
-        self, scores: torch.Tensor, activations: list[torch.Tensor | None], first: str
-    ) -> Sequence[torch.Tensor | None]:
+    def _explain(
+        self,
+        inputs: torch.Tensor,
+        targets: object,
+        topk: int | None,
+        eigen_smooth: bool,
+        layers: list[tuple[str, nn.Module]],
+    ) -> list[Explanation]:
+        batch, size = inputs.shape[0], (inputs.shape[2], inputs.shape[3])
+        with torch.inference_mode(False), eval_mode(self.model):
+            # A copy: a model whose first operation is in place must not rewrite the caller's tensor.
+            x = inputs.detach().clone()
+            with capture(self.model, layers) as (captured, run):
+                logits = _check_logits(run(x), batch)
+                ids = _target_rows(logits.detach(), targets, topk)  # (N, B)
+                scores = logits.gather(1, ids.T).T
+                activations = captured.activations
+                raws = self._raw_maps(x, logits, ids, scores, activations, layers, eigen_smooth)
+            logits = logits.detach().float()
+        single = not (isinstance(targets, str) or topk is not None or _is_2d(targets))
+        probs = torch.softmax(logits, dim=1).gather(1, ids.T).T
+        shared = {
+            "targets": (ids[0] if single else ids).cpu(),
+            "scores": (scores[0] if single else scores).detach().float().cpu(),
+            "probs": (probs[0] if single else probs).cpu(),
+            "logits": logits.cpu(),
+            "method": self.method,
+            "input_size": size,
+        }
+        return [
+            Explanation(raw=(raw[0] if single else raw).cpu(), layer=name, **shared)
+            for (name, _), raw in zip(layers, raws, strict=True)
+        ]
+
+    def _raw_maps(
+        self,
+        x: torch.Tensor,
+        logits: torch.Tensor,
+        ids: torch.Tensor,
+        scores: torch.Tensor,
+        activations: list[torch.Tensor],
+        layers: list[tuple[str, nn.Module]],
+        eigen_smooth: bool,
+    ) -> list[torch.Tensor]:
+        """(N, B, h, w) raw maps per layer, gradients taken in chunks of target rows."""
+        contexts = [MapContext(self.model, x, ids, logits.detach(), n, m) for n, m in layers]
+        detached = [a.detach() for a in activations]
+        per_layer: list[list[torch.Tensor]] = [[] for _ in layers]
+        for rows, grads in self._gradient_chunks(logits, ids, scores, activations, layers[0][0]):
+            for index, (activation, grad, context) in enumerate(zip(detached, grads, contexts, strict=True)):
+                if self.uses_gradients and grad is None:
+                    raise GradCAMError(_no_gradient(layers[index][0]))
+                if grad is not None and self.counterfactual:
+                    grad = -grad
+                per_layer[index].append(self._chunk_map(activation, grad, context, rows, eigen_smooth))
+        return [torch.cat(chunks).float() for chunks in per_layer]
+
+    def _chunk_map(
+        self,
+        activation: torch.Tensor,
+        grad: torch.Tensor | None,
+        context: MapContext,
+        rows: slice,
+        eigen_smooth: bool,
+    ) -> torch.Tensor:
+        def one(gradients: torch.Tensor | None, targets: torch.Tensor) -> torch.Tensor:
+            row_context = replace(context, targets=targets)
+            if eigen_smooth:
+                weighted = self.weighted_activations(activation, gradients, row_context)
+                return torch.relu(first_component(weighted, center=True))
+            return self.layer_map(activation, gradients, row_context)
+
+        ids = context.targets[rows]
+        if grad is not None:
+            return one(grad, ids)  # every row at once: G carries the leading (n,) dimension
+        if not self.class_specific:
+            return one(None, ids[0])[None].expand(len(ids), *activation.shape[:1], *activation.shape[2:])
+        return torch.stack([one(None, row) for row in ids])
+
+    def _gradient_chunks(
+        self,
+        logits: torch.Tensor,
+        ids: torch.Tensor,
+        scores: torch.Tensor,
+        activations: list[torch.Tensor],
+        first: str,
+    ) -> Iterator[tuple[slice, Sequence[torch.Tensor | None]]]:
+        rows = ids.shape[0]
         if not self.uses_gradients:
-            return [None] * len(activations)
+            yield slice(0, rows), [None] * len(activations)
+            return
         if not scores.requires_grad:
             raise GradCAMError(_no_gradient(first))
-        return torch.autograd.grad(scores.sum(), activations, allow_unused=True)
+        if rows == 1:
+            grads = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
+            yield slice(0, 1), [None if g is None else g[None] for g in grads]
+            return
+        per_row = sum(a[0].numel() for a in activations) * ids.shape[1]
+        chunk = max(1, GRADIENT_CHUNK_ELEMENTS // per_row)
+        for start in range(0, rows, chunk):
+            part = ids[start : start + chunk]
+            selector = torch.zeros(len(part), *logits.shape, device=logits.device, dtype=logits.dtype)
+            selector.scatter_(2, part[:, :, None], 1.0)
+            yield slice(start, start + len(part)), _batched_grad(logits, activations, selector)
+
+    def _augmented(
+        self,
+        inputs: torch.Tensor,
+        targets: object,
+        topk: int | None,
+        eigen_smooth: bool,
+        layers: list[tuple[str, nn.Module]],
+    ) -> list[Explanation]:
+        original = self._explain(inputs, targets, topk, eigen_smooth, layers)
+        # Every augmented pass explains the classes chosen on the original image.
+        fixed = original[0].targets
+        fixed = fixed if fixed.dim() == 2 else fixed[None]
+        totals = [e.raw.clone() for e in original]
+        passes = 1
+        for flip in (False, True):
+            for scale in AUGMENT_SCALES:
+                if not flip and scale == 1.0:
+                    continue
+                augmented = _augment(inputs, flip, scale)
+                explained = self._explain(augmented, fixed.to(inputs.device), None, eigen_smooth, layers)
+                for total, e in zip(totals, explained, strict=True):
+                    raw = e.raw if e.raw.dim() == 4 else e.raw[None]
+                    back = upsample(raw, tuple(total.shape[-2:]))
+                    total += (back.flip(-1) if flip else back).reshape(total.shape)
+                passes += 1
+        for e, total in zip(original, totals, strict=True):
+            e.raw = total / passes
+            e.__dict__.pop("maps", None)
+        return original
+
+
+#: Target rows differentiated together hold at most this many gradient elements (bounds memory).
+GRADIENT_CHUNK_ELEMENTS = 32_000_000
+#: Test-time augmentation scales for ``aug_smooth`` (each also mirrored).
+AUGMENT_SCALES = (1.0, 1.25)
+
+
+def _augment(inputs: torch.Tensor, flip: bool, scale: float) -> torch.Tensor:
+    out = inputs.flip(-1) if flip else inputs
+    if scale != 1.0:
+        size = (round(inputs.shape[2] * scale), round(inputs.shape[3] * scale))
+        out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+    return out
+
+
+def _is_2d(targets: object) -> bool:
+    return isinstance(targets, torch.Tensor) and targets.dim() == 2
+
+
+def _target_rows(logits: torch.Tensor, targets: object, topk: int | None) -> torch.Tensor:
+    """Targets as an (N, B) long tensor on the logits' device."""
+    batch, classes = logits.shape
+    if topk is not None:
+        if targets is not None:
+            raise GradCAMError("give targets or topk, not both")
+        if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= classes:
+            raise GradCAMError(f"topk must be an integer from 1 to {classes}, got {topk!r}")
+        return logits.topk(topk, dim=1).indices.T.contiguous()
+    if isinstance(targets, str):
+        if targets != "all":
+            raise GradCAMError(f"targets must be None, 'all', an int or class indices, got {targets!r}")
+        return torch.arange(classes, device=logits.device)[:, None].expand(classes, batch).contiguous()
+    if _is_2d(targets):
+        return torch.stack([resolve(logits, row) for row in targets])
+    return resolve(logits, targets)[None]
+
+
+def _batched_grad(
+    logits: torch.Tensor, activations: list[torch.Tensor], selector: torch.Tensor
+) -> Sequence[torch.Tensor | None]:
+    """d(selected scores)/d(activations) for each row of ``selector`` (n, B, classes): one batched
+    backward (vmap over the head's backward), or row by row where an operation has no batching rule."""
+    try:
+        return torch.autograd.grad(
+            logits, activations, selector, retain_graph=True, is_grads_batched=True, allow_unused=True
+        )
+    except RuntimeError:
+        rows = [
+            torch.autograd.grad(logits, activations, row, retain_graph=True, allow_unused=True)
+            for row in selector
+        ]
+        return [None if r[0] is None else torch.stack(r) for r in zip(*rows, strict=True)]
 
 
 def _no_gradient(layer: str) -> str:

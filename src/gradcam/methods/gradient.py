@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from gradcam.methods.base import CAM
+from gradcam.methods.base import CAM, MapContext
 
 
 class GradCAM(CAM):
@@ -28,4 +28,95 @@ class GradCAM(CAM):
     method = "gradcam"
 
     def channel_weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
-        return gradients.mean(dim=(2, 3))
+        return gradients.mean(dim=(-2, -1))
+
+
+class GradCAMPlusPlus(CAM):
+    r"""Grad-CAM++ (Chattopadhay et al., "Grad-CAM++: Generalized Gradient-based Visual Explanations
+    for Deep Convolutional Networks", WACV 2018).
+
+    With g = dS^c/dA^k_{ij} (S^c the pre-softmax score), the paper's closed form (eq. 19), valid for a
+    piecewise-linear network after the layer, weights each position by
+
+        a_{ij}^{kc} = g_{ij}^2 / ( 2 g_{ij}^2 + sum_{a,b} A^k_{ab} g_{ij}^3 )      (0 where g_{ij} = 0)
+        w_k^c       = sum_{i,j} a_{ij}^{kc} ReLU(g_{ij})
+        L^c         = ReLU( sum_k w_k^c A^k )
+
+    The paper differentiates Y^c = exp(S^c), which multiplies every w_k^c of an image by exp(S^c): a
+    positive per-image constant that the normalised map does not see and that overflows float32 for
+    scores above ~88. Like the reference implementations, we leave it out, so ``raw`` is the paper's map
+    divided by exp(S^c).
+    """
+
+    method = "gradcam++"
+
+    def channel_weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        squared = gradients.pow(2)
+        denominator = 2 * squared + activations.sum(dim=(-2, -1), keepdim=True) * gradients.pow(3)
+        safe = torch.where(denominator != 0, denominator, torch.ones_like(denominator))
+        alpha = torch.where(denominator != 0, squared / safe, torch.zeros_like(squared))
+        return (alpha * torch.relu(gradients)).sum(dim=(-2, -1))
+
+
+class XGradCAM(CAM):
+    r"""XGrad-CAM (Fu et al., "Axiom-based Grad-CAM: Towards Accurate Visualization and Explanation of
+    CNNs", BMVC 2020).
+
+        alpha_k^c = sum_{i,j} ( A^k_{ij} / sum_{a,b} A^k_{ab} ) dS^c/dA^k_{ij}
+        L^c       = ReLU( sum_k alpha_k^c A^k )
+
+    A channel whose activations sum to zero gets weight zero (the paper leaves it undefined).
+    """
+
+    method = "xgradcam"
+
+    def channel_weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+        total = activations.sum(dim=(-2, -1), keepdim=True)
+        safe = torch.where(total != 0, total, torch.ones_like(total))
+        share = torch.where(total != 0, activations / safe, torch.zeros_like(activations))
+        return (share * gradients).sum(dim=(-2, -1))
+
+
+class HiResCAM(CAM):
+    r"""HiResCAM (Draelos & Carin, "Use HiResCAM instead of Grad-CAM for faithful explanations of
+    convolutional neural networks", 2020).
+
+        L^c = ReLU( sum_k dS^c/dA^k  (element-wise *)  A^k )
+
+    The gradient is not averaged over positions, so the map shows only locations the score used. The
+    paper's explanation is the element-wise sum; as for Grad-CAM we keep its positive part, the evidence
+    for the class.
+    """
+
+    method = "hirescam"
+
+    def weighted_activations(
+        self, activations: torch.Tensor, gradients: torch.Tensor | None, context: MapContext
+    ) -> torch.Tensor:
+        return gradients * activations
+
+    def layer_map(
+        self, activations: torch.Tensor, gradients: torch.Tensor | None, context: MapContext
+    ) -> torch.Tensor:
+        return torch.relu(self.weighted_activations(activations, gradients, context).sum(dim=-3))
+
+
+class LayerCAM(CAM):
+    r"""LayerCAM (Jiang et al., "LayerCAM: Exploring Hierarchical Class Activation Maps for
+    Localization", IEEE TIP 2021).
+
+        w^{kc}_{ij} = ReLU( dS^c/dA^k_{ij} )
+        L^c         = ReLU( sum_k w^{kc}_{ij} A^k_{ij} )
+    """
+
+    method = "layercam"
+
+    def weighted_activations(
+        self, activations: torch.Tensor, gradients: torch.Tensor | None, context: MapContext
+    ) -> torch.Tensor:
+        return torch.relu(gradients) * activations
+
+    def layer_map(
+        self, activations: torch.Tensor, gradients: torch.Tensor | None, context: MapContext
+    ) -> torch.Tensor:
+        return torch.relu(self.weighted_activations(activations, gradients, context).sum(dim=-3))
