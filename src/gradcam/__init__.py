@@ -14,6 +14,7 @@ from gradcam.errors import GradCAMError, ImageLoadError
 from gradcam.explanation import Explanation
 from gradcam.layers import LayerInfo, find_layer, list_layers
 from gradcam.methods import (
+    AblationCAM,
     EigenCAM,
     EigenGradCAM,
     GradCAM,
@@ -23,12 +24,14 @@ from gradcam.methods import (
     HiResCAM,
     LayerCAM,
     RandomCAM,
+    ScoreCAM,
     XGradCAM,
 )
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AblationCAM",
     "EigenCAM",
     "EigenGradCAM",
     "Explanation",
@@ -42,6 +45,7 @@ __all__ = [
     "LayerCAM",
     "LayerInfo",
     "RandomCAM",
+    "ScoreCAM",
     "XGradCAM",
     "find_layer",
     "io",

@@ -8,8 +8,8 @@ in-place operation (``nn.ReLU(inplace=True)``, ``F.relu_``) rewrites the clone, 
 keep, which stays exactly the layer's output as the layer produced it.
 
 Everything the call touches on the user's model is restored on exit, also when the forward raises:
-each module's train/eval flag (the forward runs in eval mode), and the hooks, which live only inside
-the ``with`` block. Parameters' ``requires_grad`` and ``.grad`` are never touched.
+each module's train/eval flag (the forward runs in eval mode), and the hooks, which live only for the
+one hooked forward. Parameters' ``requires_grad`` and ``.grad`` are never touched.
 
 With several layers, a layer downstream of an earlier captured one stays in that graph (its gradient
 flows back through it); a layer on a parallel branch becomes a root of its own when nothing recorded
@@ -98,7 +98,8 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Iterat
     """Hook ``layers`` for one forward pass.
 
     Yields ``(capture, run)``: call ``run(inputs)`` once inside the block; it returns the model output
-    with the autograd graph rooted at the first captured layer. Inside the block the caller may compute
+    with the autograd graph rooted at the first captured layer, and removes the hooks as soon as that
+    forward ends (further forwards in the block run unhooked). Inside the block the caller may compute
     ``torch.autograd.grad(score, capture.activations)``. On exit hooks are removed and the model's
     train/eval flags and the caller's grad mode are restored.
     """
@@ -138,8 +139,13 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Iterat
         return hook
 
     def run(inputs: torch.Tensor) -> object:
-        with torch.no_grad():
-            output = model(inputs)
+        try:
+            with torch.no_grad():
+                output = model(inputs)
+        finally:
+            # One forward is all the hooks are for: later forwards in the block (Score-CAM's) run clean.
+            for handle in handles:
+                handle.remove()
         for name, tensor, version in produced:
             if tensor._version != version:
                 # The model rewrote the layer's output in place through another reference to it (a layer

@@ -8,6 +8,7 @@ from gradcam.methods.baseline import RandomCAM
 from gradcam.methods.eigen import EigenCAM, EigenGradCAM
 from gradcam.methods.gradient import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from gradcam.methods.guided import GuidedBackprop, GuidedGradCAM
+from gradcam.methods.score import AblationCAM, ScoreCAM
 
 _REGISTRY: dict[str, type[CAM]] = {
     "gradcam": GradCAM,
@@ -15,6 +16,8 @@ _REGISTRY: dict[str, type[CAM]] = {
     "xgradcam": XGradCAM,
     "hirescam": HiResCAM,
     "layercam": LayerCAM,
+    "scorecam": ScoreCAM,
+    "ablationcam": AblationCAM,
     "eigencam": EigenCAM,
     "eigengradcam": EigenGradCAM,
     "random": RandomCAM,
@@ -40,6 +43,7 @@ def get(name: str) -> type[CAM]:
 
 
 __all__ = [
+    "AblationCAM",
     "CAM",
     "EigenCAM",
     "EigenGradCAM",
@@ -51,6 +55,7 @@ __all__ = [
     "LayerCAM",
     "MapContext",
     "RandomCAM",
+    "ScoreCAM",
     "XGradCAM",
     "describe",
     "get",
