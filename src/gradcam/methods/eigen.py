@@ -35,7 +35,7 @@ class EigenCAM(CAM):
     def layer_map(
         self, activations: torch.Tensor, gradients: torch.Tensor | None, context: MapContext
     ) -> torch.Tensor:
-        return torch.relu(first_component(activations))
+        return torch.relu(first_component(self.weighted_activations(activations, gradients, context)))
 
 
 class EigenGradCAM(CAM):
@@ -57,4 +57,4 @@ class EigenGradCAM(CAM):
     def layer_map(
         self, activations: torch.Tensor, gradients: torch.Tensor | None, context: MapContext
     ) -> torch.Tensor:
-        return torch.relu(first_component(gradients * activations))
+        return torch.relu(first_component(self.weighted_activations(activations, gradients, context)))

@@ -210,7 +210,5 @@ class GuidedGradCAM:
     def __call__(self, inputs: torch.Tensor, targets: TargetSpec = None) -> torch.Tensor:
         """Guided Grad-CAM (B,C,H,W), detached, on the CPU."""
         guided, ids = self.guided._explain(inputs, targets)
-        # A copy: the Grad-CAM engine runs the model on the tensor it is given, and a model that rewrites
-        # its input in place (a leading in-place ReLU) would change the caller's tensor.
-        explanation = self.cam(inputs.detach().clone(), ids)
+        explanation = self.cam(inputs, ids)  # the engine runs on its own copy of the inputs
         return guided * explanation.maps[:, None].to(guided.dtype)
