@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
@@ -48,3 +53,24 @@ class SpatialHead(nn.Module):
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One torch thread for tests of tiny networks: with several, synchronisation costs more than the
+    arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_gradcam(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """The ``gradcam`` command in a real subprocess (wide columns, so rich does not wrap its output)."""
+    return subprocess.run(
+        [sys.executable, "-m", "gradcam", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},
+    )

@@ -101,7 +101,7 @@ def test_registry_lists_every_method_by_cli_name() -> None:
         "layercam",
         "eigencam",
         "eigengradcam",
-        "random",
+        "randomcam",
     } <= set(names())
     assert get("gradcam++") is gradcam.GradCAMPlusPlus
     with pytest.raises(ValueError, match=re.escape("method 'gradcam+' not found; available: gradcam")):

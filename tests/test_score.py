@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -15,14 +15,7 @@ from gradcam.errors import GradCAMError
 from gradcam.methods import score
 from gradcam.methods.score import AblationCAM, ScoreCAM
 
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    # These networks are tiny: with several threads, synchronisation costs more than the arithmetic.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:

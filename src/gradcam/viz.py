@@ -108,6 +108,19 @@ def panel(
         return rendered.convert("RGB")
 
 
+def save_figure(figure: Figure, path: str | os.PathLike[str], *, tight: bool = True) -> Path:
+    """Render a matplotlib figure (Agg, no pyplot state) to a PNG written atomically; ``tight`` applies
+    ``tight_layout`` first (leave it False for a figure laid out by hand)."""
+    FigureCanvasAgg(figure)
+    buffer = _io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from", category=UserWarning)
+        if tight:
+            figure.tight_layout()
+        figure.savefig(buffer, format="png")
+    return atomic_write_bytes(path, buffer.getvalue())
+
+
 def save_png(picture: Image.Image, path: str | os.PathLike[str]) -> Path:
     """Write a PNG atomically: never a half-written file at ``path``."""
     buffer = _io.BytesIO()

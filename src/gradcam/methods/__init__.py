@@ -20,7 +20,7 @@ _REGISTRY: dict[str, type[CAM]] = {
     "ablationcam": AblationCAM,
     "eigencam": EigenCAM,
     "eigengradcam": EigenGradCAM,
-    "random": RandomCAM,
+    "randomcam": RandomCAM,
 }
 
 

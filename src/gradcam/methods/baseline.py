@@ -16,7 +16,7 @@ class RandomCAM(CAM):
     the seeded generator, so two calls on one object differ, two objects with one seed agree.
     """
 
-    method = "random"
+    method = "randomcam"
     uses_gradients = False
     class_specific = False
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 from torch import nn
+from torchvision import tv_tensors
 from torchvision.transforms import v2 as T
 from torchvision.transforms.functional import InterpolationMode
 
@@ -37,6 +38,24 @@ class Preprocess:
         """The picture a map registers with: the whole original when nothing is cropped (the map is
         then resized to it), else the cropped view the model saw."""
         return image.convert("RGB") if self.crop is None else self.view(image)
+
+    def frame_size(self, image: Image.Image) -> tuple[int, int]:
+        """(H, W) of :meth:`frame` for ``image``, without building the picture."""
+        if self.crop is None:
+            return (image.height, image.width)
+        return (self.crop, self.crop) if isinstance(self.crop, int) else (self.crop[0], self.crop[1])
+
+    def frame_boxes(self, image: Image.Image, boxes: torch.Tensor) -> torch.Tensor:
+        """Boxes (M,4) ``(x0, y0, x1, y1)`` in the image's pixels moved into :meth:`frame`'s pixels and
+        clipped to it: resized and cropped like the image when the model crops (torchvision's box
+        transforms; only the geometry is computed, the image is not resized). Rows stay aligned with
+        ``boxes``: a box outside the frame comes back with no area."""
+        boxes = torch.as_tensor(boxes, dtype=torch.float64).reshape(-1, 4)
+        wrapped = tv_tensors.BoundingBoxes(boxes, format="XYXY", canvas_size=(image.height, image.width))
+        steps: list[T.Transform] = []
+        if self.crop is not None:
+            steps = [T.Resize(self.resize, interpolation=self.interpolation), T.CenterCrop(self.crop)]
+        return T.Compose([*steps, T.ClampBoundingBoxes()])(wrapped).as_subclass(torch.Tensor)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         tensor = T.Compose([T.PILToTensor(), T.ToDtype(torch.float32, scale=True)])(self.view(image))
