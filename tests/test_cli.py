@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from conftest import run_gradcam
 from gradcam.cli import app
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -23,13 +22,7 @@ CAT_RIGHT_EDGE, BACKGROUND_LEFT_EDGE = 370, 390
 
 
 def gradcam(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "gradcam", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "COLUMNS": "200"},
-    )
+    return run_gradcam(*args, timeout=300)
 
 
 @pytest.fixture(scope="module")

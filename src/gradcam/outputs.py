@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +44,17 @@ def write_explanation(
     for kind, picture_ in (extra or {}).items():
         files[kind] = viz.save_png(picture_, out_dir / f"{stem}_{kind}.png")
     return {kind: str(path) for kind, path in files.items()}
+
+
+def unique_stems(paths: Sequence[Path]) -> list[str]:
+    """File-name stems for outputs, distinct even on case-insensitive file systems."""
+    used: set[str] = set()
+    stems = []
+    for path in paths:
+        stem, number = path.stem, 1
+        while stem.lower() in used:
+            number += 1
+            stem = f"{path.stem}-{number}"
+        used.add(stem.lower())
+        stems.append(stem)
+    return stems

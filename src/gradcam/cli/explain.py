@@ -1,4 +1,4 @@
-"""The ``gradcam`` command line: parse, call the library, print. No map is computed here."""
+"""``gradcam explain``, ``layers``, ``methods``, ``models``: parse, call the library, print."""
 
 from __future__ import annotations
 
@@ -11,57 +11,32 @@ from typing import Annotated
 import torch
 import typer
 from PIL import Image
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from typer.exceptions import TyperException
 
 from gradcam import io, methods, models, viz
+from gradcam.cli.common import (
+    DeviceOption,
+    LabelsOption,
+    ModelOption,
+    RandomOption,
+    WeightsOption,
+    app,
+    fail,
+    load_model,
+    output_folder,
+    parse_device,
+    stderr,
+    stdout,
+)
 from gradcam.errors import GradCAMError, ImageLoadError
 from gradcam.explanation import Explanation, fuse
 from gradcam.layers import choose_layer, list_layers
 from gradcam.methods import CAM, GuidedBackprop
-from gradcam.outputs import slug, write_explanation
+from gradcam.outputs import slug, unique_stems, write_explanation
 from gradcam.targets import parse_class
 
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="Grad-CAM for PyTorch image classifiers: where did the model look?",
-)
-stdout = Console()
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
-
 BATCH = 16
-
-ModelOption = Annotated[str, typer.Option("--model", "-m", help="Model name (`gradcam models`).")]
-WeightsOption = Annotated[
-    Path | None, typer.Option(help="State-dict file of a fine-tuned model of this architecture.")
-]
-LabelsOption = Annotated[Path | None, typer.Option(help="Class names, one per line.")]
-RandomOption = Annotated[bool, typer.Option("--random-weights", help="Random weights (no download).")]
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    stderr.print(f"error: {message}", markup=False)
-    return typer.Exit(code)
-
-
-def _device(name: str) -> torch.device:
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise _fail(f"--device '{name}' is not a device; expected cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise _fail("--device cuda: no CUDA device is available here; use --device cpu")
-    if device.type not in ("cpu", "cuda"):
-        raise _fail(f"--device '{name}': expected cpu or cuda")
-    return device
-
-
-def _load_model(model: str, weights: Path | None, labels: Path | None, random_weights: bool):
-    return models.load(model, pretrained=not random_weights, weights=weights, labels=labels)
 
 
 @dataclass
@@ -72,20 +47,6 @@ class _Item:
     tensor: torch.Tensor | None = None
     predictions: list[dict] = field(default_factory=list)
     explanations: list[dict] = field(default_factory=list)
-
-
-def _unique_stems(paths: list[Path]) -> list[str]:
-    """File-name stems for outputs, distinct even on case-insensitive file systems."""
-    used: set[str] = set()
-    stems = []
-    for path in paths:
-        stem, number = path.stem, 1
-        while stem.lower() in used:
-            number += 1
-            stem = f"{path.stem}-{number}"
-        used.add(stem.lower())
-        stems.append(stem)
-    return stems
 
 
 def _report(errors: list[dict], path: Path, message: str) -> None:
@@ -221,13 +182,13 @@ def explain(
         bool, typer.Option(help="First principal component of the weighted activations.")
     ] = False,
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("gradcam-out"),
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    device: DeviceOption = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead.")] = False,
 ) -> None:
     """Explain images: writes an overlay PNG, a panel PNG and the raw map (.npy) per image and class."""
-    torch_device = _device(device)
+    torch_device = parse_device(device)
     try:
-        loaded = _load_model(model, weights, labels, random_weights).to(torch_device)
+        loaded = load_model(model, weights, labels, random_weights).to(torch_device)
         wanted = [parse_class(spec, loaded.labels) for spec in target or []]
         method_class = methods.get(method)
         chosen = layer[0] if layer and len(layer) == 1 else (layer or None)
@@ -236,18 +197,13 @@ def explain(
             method_class(loaded.module, chosen, **options), aug_smooth, eigen_smooth, guided
         )
     except GradCAMError as error:
-        raise _fail(str(error)) from None
-    if out.exists() and not out.is_dir():
-        raise _fail(f"--out {out} is a file; expected a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise _fail(f"--out {out}: cannot create the output folder ({error.strerror or error})") from None
+        raise fail(str(error)) from None
+    output_folder(out)
 
     errors: list[dict] = []
     done: list[_Item] = []
     layer_name = None
-    pending = [_Item(path, stem) for path, stem in zip(images, _unique_stems(images), strict=True)]
+    pending = [_Item(path, stem) for path, stem in zip(images, unique_stems(images), strict=True)]
     for start in range(0, len(pending), BATCH):
         # One batch of decoded images in memory at a time.
         chunk = []
@@ -264,7 +220,7 @@ def explain(
         try:
             layer_name = _explain_batch(chunk, loaded, explainer, wanted, topk, out, errors)
         except GradCAMError as error:
-            raise _fail(str(error)) from None
+            raise fail(str(error)) from None
         except RuntimeError as error:  # the model's own forward failed on these inputs
             reason = str(error).strip().splitlines()[0]
             for item in chunk:
@@ -327,12 +283,12 @@ def layers_command(
 ) -> None:
     """List the model's layers in execution order with output shapes; the automatic choice is marked."""
     try:
-        loaded = _load_model(model, weights, labels, random_weights)
+        loaded = load_model(model, weights, labels, random_weights)
         dummy = torch.zeros(1, 3, *loaded.input_size)
         infos = list_layers(loaded.module, dummy)
         chosen = choose_layer(infos)
     except GradCAMError as error:
-        raise _fail(str(error)) from None
+        raise fail(str(error)) from None
     table = Table(
         title=f"{loaded.name}: layers in execution order (input 1x3x{dummy.shape[2]}x{dummy.shape[3]})"
     )
@@ -380,19 +336,3 @@ def models_command() -> None:
             "available" if entry.pretrained_available else "missing (use --random-weights)",
         )
     stdout.print(table)
-
-
-def main() -> None:
-    """Entry point of the ``gradcam`` command: usage mistakes get one line on stderr, exit code 2."""
-    command = typer.main.get_command(app)
-    try:
-        code = command.main(standalone_mode=False)
-    except TyperException as error:  # typer's usage errors: unknown option, bad value, missing argument
-        message = " ".join(error.format_message().split())
-        if message:  # empty when no arguments were given and the help has been shown
-            stderr.print(f"error: {message}", markup=False)
-        code = error.exit_code
-    except typer.Abort:
-        stderr.print("error: aborted", markup=False)
-        code = 1
-    sys.exit(code if isinstance(code, int) else 0)
