@@ -47,8 +47,11 @@ def heatmap(saliency: torch.Tensor | np.ndarray, cmap: str = "jet") -> Image.Ima
     except KeyError:
         raise GradCAMError(f"colormap '{cmap}' not found; try jet, viridis, inferno, turbo") from None
     array = np.clip(_as_array(saliency), 0.0, 1.0)
-    rgb = colormap(array)[..., :3]
-    return Image.fromarray((rgb * 255).round().astype(np.uint8), mode="RGB")
+    # Index the colormap's table the way matplotlib does (bin = min(int(x N), N - 1)), with the table
+    # rounded to bytes once: no float RGBA image of the whole picture is built.
+    table = (colormap(np.arange(colormap.N))[:, :3] * 255).round().astype(np.uint8)
+    bins = np.minimum((array * colormap.N).astype(np.int64), colormap.N - 1)
+    return Image.fromarray(table[bins], mode="RGB")
 
 
 def overlay(
@@ -121,10 +124,15 @@ def save_figure(figure: Figure, path: str | os.PathLike[str], *, tight: bool = T
     return atomic_write_bytes(path, buffer.getvalue())
 
 
+#: zlib level of the PNGs written: 1 encodes a photo-like overlay about 5 times faster than Pillow's
+#: default 6, for files about 15% larger.
+PNG_COMPRESS_LEVEL = 1
+
+
 def save_png(picture: Image.Image, path: str | os.PathLike[str]) -> Path:
     """Write a PNG atomically: never a half-written file at ``path``."""
     buffer = _io.BytesIO()
-    picture.save(buffer, format="PNG")
+    picture.save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return atomic_write_bytes(path, buffer.getvalue())
 
 
