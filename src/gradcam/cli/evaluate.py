@@ -58,6 +58,7 @@ def _progress() -> Progress:
         TimeRemainingColumn(),
         console=stderr,
         transient=True,
+        disable=not stderr.is_terminal,
     )
 
 

@@ -15,6 +15,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from gradcam import io, methods, models, viz
+from gradcam.batch.explain import Explainer, explain_batch
+from gradcam.batch.inputs import collect_images
+from gradcam.batch.writer import MAP_FORMATS
 from gradcam.cli.common import (
     DeviceOption,
     LabelsOption,
@@ -29,10 +32,10 @@ from gradcam.cli.common import (
     stderr,
     stdout,
 )
+from gradcam.cli.stream import stream, streams
 from gradcam.errors import GradCAMError, ImageLoadError
-from gradcam.explanation import Explanation, fuse
 from gradcam.layers import choose_layer, list_layers
-from gradcam.methods import CAM, GuidedBackprop
+from gradcam.methods import GuidedBackprop
 from gradcam.outputs import slug, unique_stems, write_explanation
 from gradcam.targets import parse_class
 
@@ -54,34 +57,10 @@ def _report(errors: list[dict], path: Path, message: str) -> None:
     errors.append({"image": str(path), "error": message})
 
 
-def _targets_per_image(first, targets: list[int], topk: int) -> list[list[int]]:
-    """Each image's classes to explain: its top-k, then the explicit targets; its top-1 by default."""
-    ranking = first.logits.argsort(dim=1, descending=True)
-    wanted = []
-    for row in range(len(first)):
-        ranked = ranking[row, :topk].tolist() if topk else []
-        wanted.append(list(dict.fromkeys(ranked + targets)) or [int(first.targets[row])])
-    return wanted
-
-
-@dataclass
-class _Explainer:
-    """The chosen method and options, called the same way for every batch."""
-
-    cam: CAM
-    aug_smooth: bool = False
-    eigen_smooth: bool = False
-    guided: bool = False
-
-    def __call__(self, batch: torch.Tensor, targets: object = None) -> Explanation:
-        result = self.cam(batch, targets, aug_smooth=self.aug_smooth, eigen_smooth=self.eigen_smooth)
-        return fuse(result) if isinstance(result, list) else result
-
-
 def _explain_batch(
     items: list[_Item],
     loaded: models.LoadedModel,
-    explainer: _Explainer,
+    explainer: Explainer,
     targets: list[int],
     topk: int,
     out: Path,
@@ -90,22 +69,13 @@ def _explain_batch(
     """Explain one batch for every wanted class and write the files; returns the explained layer."""
     device = next(loaded.module.parameters()).device
     batch = torch.stack([item.tensor for item in items]).to(device)
-    first = explainer(batch)  # each image's top-1; its logits rank the classes for every other target
-    probabilities = first.logits.softmax(dim=1)
-    top_probs, top_ids = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
-    per_image = _targets_per_image(first, targets, topk)
+    result = explain_batch(explainer, batch, targets, topk)
+    per_image, ids, many, index_of = result.targets, result.ids, result.explanation, result.at
+    rows = len(ids)
     for row, item in enumerate(items):
         item.predictions = [
-            {"index": int(i), "class": loaded.labels[int(i)], "probability": round(float(p), 6)}
-            for p, i in zip(top_probs[row], top_ids[row], strict=True)
+            {"index": i, "class": loaded.labels[i], "probability": round(p, 6)} for i, p in result.top5[row]
         ]
-    # Images with fewer targets repeat their last one (not written twice); all rows in one call.
-    rows = max(len(wanted) for wanted in per_image)
-    ids = torch.tensor([[wanted[min(n, len(wanted) - 1)] for wanted in per_image] for n in range(rows)])
-    if ids.tolist() == [first.targets.tolist()]:
-        many, index_of = first, lambda n, row: (row,)
-    else:
-        many, index_of = explainer(batch, ids), lambda n, row: (n, row)
     guided = _guided_gradients(explainer, batch, ids) if explainer.guided else None
     peaks = many.peaks()
     suffix = "_counterfactual" if explainer.cam.counterfactual else ""
@@ -153,7 +123,7 @@ def _explain_batch(
     return many.layer
 
 
-def _guided_gradients(explainer: _Explainer, batch: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def _guided_gradients(explainer: Explainer, batch: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """(N,B,C,H,W) Guided Backpropagation gradients for each row of targets."""
     guided = GuidedBackprop(explainer.cam.model)
     return torch.stack([guided(batch, row.tolist()) for row in ids])
@@ -161,7 +131,12 @@ def _guided_gradients(explainer: _Explainer, batch: torch.Tensor, ids: torch.Ten
 
 @app.command()
 def explain(
-    images: Annotated[list[Path], typer.Argument(help="Image files to explain.", show_default=False)],
+    images: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Image files, folders (recursive), globs or @list.txt files.", show_default=False
+        ),
+    ],
     model: ModelOption = models.DEFAULT,
     weights: WeightsOption = None,
     labels: LabelsOption = None,
@@ -184,16 +159,63 @@ def explain(
     out: Annotated[Path, typer.Option(help="Output folder.")] = Path("gradcam-out"),
     device: DeviceOption = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON document instead.")] = False,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch when streaming.")] = 32,
+    workers: Annotated[int, typer.Option(min=0, help="Decoding processes when streaming.")] = 2,
+    maps: Annotated[str, typer.Option(help="Raw maps when streaming: npy files or npz shards.")] = "npy",
+    overwrite: Annotated[bool, typer.Option(help="Replace a run made with other settings in --out.")] = False,
+    engine: Annotated[
+        str, typer.Option(help="Streaming engine: local or ray (pip install 'gradcam[ray]').")
+    ] = "local",
+    ray_address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to use: auto, ray://head:10001 (default: start a local one)."),
+    ] = None,
 ) -> None:
-    """Explain images: writes an overlay PNG, a panel PNG and the raw map (.npy) per image and class."""
-    torch_device = parse_device(device)
+    """Explain images: writes an overlay PNG, a panel PNG and the raw map (.npy) per image and class.
+
+    Folders, globs, @list files or more than 16 images are streamed: overlay and raw map per image and
+    class, mirroring the input folders under --out, with manifest.jsonl and errors.jsonl; a rerun after
+    an interruption finishes what is left."""
+    if engine not in ("local", "ray"):
+        raise fail(f"--engine '{engine}': expected local or ray")
+    # On a Ray cluster the GPUs are the workers'; the machine running the command may have none.
+    torch_device = parse_device(device) if engine == "local" else torch.device("cpu")
+    specs = [str(spec) for spec in images]
+    try:
+        files = collect_images(specs)
+    except GradCAMError as error:
+        raise fail(str(error)) from None
+    if streams(specs, files):
+        if guided:
+            raise fail("--guided writes pictures per image: use it on a few image files, not a dataset")
+        if maps not in MAP_FORMATS:
+            raise fail(f"--maps '{maps}': expected one of {', '.join(MAP_FORMATS)}")
+        if engine == "ray" and maps == "npz":
+            raise fail("--maps npz is not available with --engine ray; use --maps npy")
+        settings = {
+            "model": model,
+            "weights": str(weights) if weights else None,
+            "labels": str(labels) if labels else None,
+            "random_weights": random_weights,
+            "method": method,
+            "layer": list(layer or []),
+            "target": list(target or []),
+            "topk": topk,
+            "counterfactual": counterfactual,
+            "aug_smooth": aug_smooth,
+            "eigen_smooth": eigen_smooth,
+            "maps": maps,
+        }
+        ray = {"address": ray_address, "device": device} if engine == "ray" else None
+        stream(files, settings, out, torch_device, batch_size, workers, overwrite, as_json, ray)
+        return
     try:
         loaded = load_model(model, weights, labels, random_weights).to(torch_device)
         wanted = [parse_class(spec, loaded.labels) for spec in target or []]
         method_class = methods.get(method)
         chosen = layer[0] if layer and len(layer) == 1 else (layer or None)
         options = {"counterfactual": True} if counterfactual else {}
-        explainer = _Explainer(
+        explainer = Explainer(
             method_class(loaded.module, chosen, **options), aug_smooth, eigen_smooth, guided
         )
     except GradCAMError as error:
@@ -203,7 +225,7 @@ def explain(
     errors: list[dict] = []
     done: list[_Item] = []
     layer_name = None
-    pending = [_Item(path, stem) for path, stem in zip(images, unique_stems(images), strict=True)]
+    pending = [_Item(path, stem) for path, stem in zip(files, unique_stems(files), strict=True)]
     for start in range(0, len(pending), BATCH):
         # One batch of decoded images in memory at a time.
         chunk = []

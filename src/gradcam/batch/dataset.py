@@ -1,0 +1,75 @@
+"""Reading and preprocessing images in DataLoader worker processes, while the model runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from gradcam import io
+from gradcam.errors import ImageLoadError
+from gradcam.models import Preprocess
+
+#: Overlays of larger pictures are drawn on a copy whose longer side is this many pixels.
+OVERLAY_MAX_SIDE = 1024
+
+
+@dataclass
+class Sample:
+    """One image as a worker prepared it: the model input and the picture its overlay is drawn on, or
+    the reason it could not be read."""
+
+    index: int
+    tensor: torch.Tensor | None = None
+    picture: np.ndarray | None = None  # (H, W, 3) uint8, the frame (at most OVERLAY_MAX_SIDE a side)
+    frame_size: tuple[int, int] | None = None  # (W, H) of the full-resolution frame
+    error: str | None = None
+
+
+class ImageDataset(Dataset):
+    """The images of a run, each read, checked and preprocessed in a worker; failures become samples
+    with an ``error``, so that a bad file never stops the loader."""
+
+    def __init__(self, paths: Sequence[Path], preprocess: Preprocess) -> None:
+        self.paths, self.preprocess = list(paths), preprocess
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Sample:
+        path = self.paths[index]
+        try:
+            image = io.load_image(path)
+            tensor = self.preprocess(image)
+            frame = self.preprocess.frame(image)
+        except ImageLoadError as error:
+            return Sample(index, error=str(error))
+        except (OSError, ValueError) as error:  # a file that decodes but breaks a transform
+            return Sample(index, error=f"{path}: cannot be read as an image ({error})")
+        size = frame.size
+        if max(size) > OVERLAY_MAX_SIDE:
+            frame = frame.copy()
+            frame.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE), Image.Resampling.BILINEAR)
+        return Sample(index, tensor, np.asarray(frame.convert("RGB")), size)
+
+
+def _keep_list(samples: list[Sample]) -> list[Sample]:
+    return samples
+
+
+def loader(dataset: ImageDataset, batch_size: int, workers: int) -> DataLoader:
+    """Batches of samples in order, decoded by ``workers`` processes (0: in this process)."""
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=workers,
+        collate_fn=_keep_list,
+        prefetch_factor=2 if workers else None,
+        persistent_workers=False,
+    )

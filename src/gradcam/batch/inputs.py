@@ -1,0 +1,68 @@
+"""Turning command-line inputs (files, folders, globs, @list files) into a sorted list of image paths."""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image
+
+from gradcam.errors import GradCAMError
+
+_GLOB_CHARACTERS = set("*?[")
+
+
+def image_extensions() -> set[str]:
+    """Lower-case file extensions Pillow can read (".jpg", ".png", ...)."""
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def _expand(spec: str, extensions: set[str], from_list: bool) -> list[Path]:
+    if spec.startswith("@") and not from_list:
+        listing = Path(spec[1:])
+        try:
+            lines = listing.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as error:
+            raise GradCAMError(f"list file '{listing}' cannot be read: {error}") from None
+        found: list[Path] = []
+        for line in lines:
+            if line.strip() and not line.lstrip().startswith("#"):
+                found += _expand(line.strip(), extensions, True)
+        return found
+    path = Path(spec)
+    if path.is_dir():
+        return sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and p.suffix.lower() in extensions and not p.name.startswith(".")
+        )
+    if _GLOB_CHARACTERS & set(spec) and not path.exists():  # an existing "photo [1].jpg" is a file
+        return sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    return [path]  # a single file, even a missing one: it is reported when it fails to load
+
+
+def collect_images(specs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Every image the specs name, in order, without duplicates.
+
+    A spec is a file (kept even when missing or not an image: it is reported when it fails to load), a
+    folder (searched recursively for files with an extension Pillow reads; hidden files skipped), a glob
+    (``"photos/**/*.jpg"``) or ``@list.txt`` (one spec per line; blank lines and ``#`` comments skipped).
+    """
+    extensions = image_extensions()
+    seen: dict[Path, None] = {}
+    for spec in specs:
+        for path in _expand(os.fspath(spec), extensions, False):
+            seen.setdefault(path, None)
+    return list(seen)
+
+
+def output_keys(paths: Sequence[Path]) -> list[str]:
+    """Each image's path relative to the deepest folder holding them all, in POSIX form: the layout
+    mirrored under the output folder (``a/b/cat.jpg`` -> ``OUT/a/b/cat.jpg_...``)."""
+    if not paths:
+        return []
+    absolute = [p.resolve() for p in paths]
+    root = Path(os.path.commonpath([str(p.parent) for p in absolute]))
+    return [p.relative_to(root).as_posix() for p in absolute]

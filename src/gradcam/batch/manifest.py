@@ -1,0 +1,124 @@
+"""The run's records on disk: ``run.json`` (the settings), ``manifest.jsonl`` and ``errors.jsonl``.
+
+``manifest.jsonl`` holds one JSON object per image and target, appended a batch at a time with one
+``write`` followed by ``fsync``, always after that batch's files are in place. A crash (Ctrl-C, kill -9,
+power) can therefore leave at most a partial last line, which the next run cuts off, and files without a
+line, which the next run writes again (atomically). Each line says how many targets its image has
+(``of``), so an image is done when all its lines are there; a rerun skips it and finishes the rest
+without writing any line twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from gradcam.errors import GradCAMError
+from gradcam.files import atomic_write_bytes
+
+RUN_FILE, MANIFEST_FILE, ERRORS_FILE = "run.json", "manifest.jsonl", "errors.jsonl"
+
+
+def _read_lines(path: Path) -> list[dict]:
+    """The complete JSON lines of ``path``; a trailing partial line (a crash mid-write) is cut off."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as handle:
+            handle.truncate(end)
+    records = []
+    for line in data[:end].splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line garbled by a crash of an earlier run is written again by this one
+    return records
+
+
+def _append(path: Path, records: list[dict]) -> None:
+    if not records:
+        return
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
+    descriptor = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        os.write(descriptor, data)
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _differences(old: dict, new: dict) -> str:
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:4])
+
+
+class RunLog:
+    """The settings, manifest and errors of one output folder, opened for a run with ``settings``.
+
+    Refuses a folder written with other settings unless ``overwrite`` (then the old records go; files
+    are overwritten as the new run writes them).
+    """
+
+    def __init__(self, out: Path, settings: dict, *, overwrite: bool = False) -> None:
+        self.out = out
+        self.settings = settings
+        self.manifest_path, self.errors_path = out / MANIFEST_FILE, out / ERRORS_FILE
+        run_path = out / RUN_FILE
+        if run_path.exists():
+            try:
+                previous = json.loads(run_path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                previous = None
+            if previous != settings:
+                if not overwrite:
+                    what = _differences(previous, settings) if isinstance(previous, dict) else "unreadable"
+                    raise GradCAMError(
+                        f"--out {out} holds a run with other settings ({what}); use --overwrite to replace "
+                        "it, or another --out"
+                    )
+                self.manifest_path.unlink(missing_ok=True)
+                self.errors_path.unlink(missing_ok=True)
+        elif self.manifest_path.exists() and not overwrite:
+            raise GradCAMError(
+                f"--out {out} holds a manifest without {RUN_FILE}; use --overwrite or another --out"
+            )
+        elif overwrite:
+            self.manifest_path.unlink(missing_ok=True)
+            self.errors_path.unlink(missing_ok=True)
+        atomic_write_bytes(run_path, (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
+        self.records = _read_lines(self.manifest_path)
+        self._written = {(r["key"], r["target"]) for r in self.records}
+        counts: dict[str, int] = {}
+        for r in self.records:
+            counts[r["key"]] = counts.get(r["key"], 0) + 1
+        self.done = {r["key"] for r in self.records if counts[r["key"]] >= r["of"]}
+        # Inputs that failed before are tried again; they are listed again if they fail again.
+        self.errors = {e["key"]: e for e in _read_lines(self.errors_path) if e.get("key") not in self.done}
+
+    def written(self, key: str, target: int) -> bool:
+        """True when the manifest already has this image and target."""
+        return (key, target) in self._written
+
+    def append(self, records: list[dict]) -> None:
+        """Append the records not yet in the manifest (one write, then fsync)."""
+        new = [r for r in records if (r["key"], r["target"]) not in self._written]
+        _append(self.manifest_path, new)
+        self.records += new
+        self._written.update((r["key"], r["target"]) for r in new)
+
+    def error(self, key: str, image: str, message: str) -> None:
+        """Record an input that could not be explained."""
+        record = {"key": key, "image": image, "error": message}
+        self.errors[key] = record
+        _append(self.errors_path, [record])
+
+    def finish(self) -> None:
+        """Rewrite errors.jsonl with each failing input once (earlier runs' failures that now succeeded
+        are gone)."""
+        done = {r["key"] for r in self.records}
+        current = [e for key, e in self.errors.items() if key not in done]
+        data = "".join(json.dumps(e, ensure_ascii=False) + "\n" for e in current).encode()
+        atomic_write_bytes(self.errors_path, data)
