@@ -7,7 +7,7 @@ import sys
 import typer
 from typer.exceptions import TyperException
 
-from gradcam.cli import evaluate, explain  # noqa: F401  (each module registers its commands on the app)
+from gradcam.cli import evaluate, explain, report  # noqa: F401  (each module registers its commands on the app)
 from gradcam.cli.common import app, stderr
 
 __all__ = ["app", "main"]
