@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 
 from gradcam import methods, models
-from gradcam.batch.dataset import ImageDataset, loader
+from gradcam.batch.dataset import OVERLAY_SIZE, ImageDataset, loader
 from gradcam.batch.explain import Explainer
 from gradcam.batch.inputs import collect_images, output_keys
 from gradcam.batch.local import Job, run_local
@@ -47,10 +47,12 @@ def make_images(folder: Path, count: int) -> None:
         Image.fromarray(noisy).save(folder / f"img{index:04d}.jpg", quality=90)
 
 
-def plain(loaded: models.LoadedModel, paths: list[Path], batch: int, workers: int) -> float:
+def plain(
+    loaded: models.LoadedModel, paths: list[Path], batch: int, workers: int, overlay_size: int
+) -> float:
     started = time.perf_counter()
     with torch.inference_mode():
-        for samples in loader(ImageDataset(paths, loaded.preprocess), batch, workers):
+        for samples in loader(ImageDataset(paths, loaded.preprocess, overlay_size), batch, workers):
             loaded.module(torch.stack([s.tensor for s in samples]))
     return len(paths) / (time.perf_counter() - started)
 
@@ -71,6 +73,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--overlay-size", type=int, default=OVERLAY_SIZE, help="0: full-size overlays")
     args = parser.parse_args()
     loaded = models.load()
     job = Job(
@@ -86,10 +89,13 @@ def main() -> None:
         make_images(scratch / "images", args.images)
         paths = collect_images([str(scratch / "images")])
         keys = output_keys(paths)
-        plain(loaded, paths, args.batch, args.workers), explained(job, paths, keys, scratch)  # warm-up
+        (
+            plain(loaded, paths, args.batch, args.workers, args.overlay_size),
+            explained(job, paths, keys, scratch),
+        )  # warm-up
         baseline, ours = [], []
         for _ in range(args.rounds):
-            baseline.append(plain(loaded, paths, args.batch, args.workers))
+            baseline.append(plain(loaded, paths, args.batch, args.workers, args.overlay_size))
             ours.append(explained(job, paths, keys, scratch))
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.images} JPEGs 640x480, "

@@ -15,8 +15,10 @@ from gradcam import io
 from gradcam.errors import ImageLoadError
 from gradcam.models import Preprocess
 
-#: Overlays of larger pictures are drawn on a copy whose longer side is this many pixels.
-OVERLAY_MAX_SIDE = 1024
+#: Dataset overlays are drawn on a copy of the picture whose longer side is at most this many pixels: a
+#: browsing picture (the raw map is the data). PNG encoding of full-size overlays costs about as much CPU
+#: as the model's forward pass; 0 keeps the full picture.
+OVERLAY_SIZE = 512
 
 
 @dataclass
@@ -26,7 +28,7 @@ class Sample:
 
     index: int
     tensor: torch.Tensor | None = None
-    picture: np.ndarray | None = None  # (H, W, 3) uint8, the frame (at most OVERLAY_MAX_SIDE a side)
+    picture: np.ndarray | None = None  # (H, W, 3) uint8, the frame (at most overlay_size a side)
     frame_size: tuple[int, int] | None = None  # (W, H) of the full-resolution frame
     error: str | None = None
 
@@ -35,8 +37,10 @@ class ImageDataset(Dataset):
     """The images of a run, each read, checked and preprocessed in a worker; failures become samples
     with an ``error``, so that a bad file never stops the loader."""
 
-    def __init__(self, paths: Sequence[Path], preprocess: Preprocess) -> None:
-        self.paths, self.preprocess = list(paths), preprocess
+    def __init__(
+        self, paths: Sequence[Path], preprocess: Preprocess, overlay_size: int = OVERLAY_SIZE
+    ) -> None:
+        self.paths, self.preprocess, self.overlay_size = list(paths), preprocess, overlay_size
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -52,9 +56,9 @@ class ImageDataset(Dataset):
         except (OSError, ValueError) as error:  # a file that decodes but breaks a transform
             return Sample(index, error=f"{path}: cannot be read as an image ({error})")
         size = frame.size
-        if max(size) > OVERLAY_MAX_SIDE:
+        if self.overlay_size and max(size) > self.overlay_size:
             frame = frame.copy()
-            frame.thumbnail((OVERLAY_MAX_SIDE, OVERLAY_MAX_SIDE), Image.Resampling.BILINEAR)
+            frame.thumbnail((self.overlay_size, self.overlay_size), Image.Resampling.BILINEAR)
         return Sample(index, tensor, np.asarray(frame.convert("RGB")), size)
 
 

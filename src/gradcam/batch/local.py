@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from gradcam.batch.dataset import ImageDataset, Sample, loader
+from gradcam.batch.dataset import OVERLAY_SIZE, ImageDataset, Sample, loader
 from gradcam.batch.explain import BatchResult, Explainer, explain_batch
 from gradcam.batch.manifest import RunLog
 from gradcam.batch.writer import ShardWriter, output_stem, write_map, write_overlay
@@ -32,6 +32,7 @@ class Job:
     maps: str = "npy"
     batch_size: int = 32
     workers: int = 2
+    overlay_size: int = OVERLAY_SIZE
 
 
 @dataclass
@@ -151,7 +152,9 @@ def run_local(
     in_flight: tuple[list[Future], int] | None = None
     # Pillow's encoders release the GIL: several writer threads use several cores.
     with ThreadPoolExecutor(max_workers=max(2, job.workers)) as writer:
-        for samples in loader(ImageDataset(todo_paths, job.loaded.preprocess), job.batch_size, job.workers):
+        for samples in loader(
+            ImageDataset(todo_paths, job.loaded.preprocess, job.overlay_size), job.batch_size, job.workers
+        ):
             good = []
             for sample in samples:
                 if sample.error is None:

@@ -180,7 +180,7 @@ def _stream(
         ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / job.batch_size)))
         .map_batches(
             _decode,
-            fn_kwargs={"preprocess": job.loaded.preprocess},
+            fn_kwargs={"preprocess": job.loaded.preprocess, "overlay_size": job.overlay_size},
             batch_size=job.batch_size,
             batch_format="numpy",
             num_cpus=1,
@@ -277,10 +277,10 @@ def _quiet(ray: Any) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _decode(batch: dict[str, np.ndarray], preprocess: Preprocess) -> dict[str, np.ndarray]:
+def _decode(batch: dict[str, np.ndarray], preprocess: Preprocess, overlay_size: int) -> dict[str, np.ndarray]:
     """Read and preprocess a batch of images (a Ray task): fixed-size model inputs, the pictures the
     overlays are drawn on (their shapes vary), the frame sizes, and an error message ("" when none)."""
-    dataset = ImageDataset([Path(str(p)) for p in batch["read"]], preprocess)
+    dataset = ImageDataset([Path(str(p)) for p in batch["read"]], preprocess, overlay_size)
     count = len(dataset)
     height, width = preprocess.size
     tensors = np.zeros((count, 3, height, width), np.float32)

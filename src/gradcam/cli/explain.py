@@ -15,6 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from gradcam import io, methods, models, viz
+from gradcam.batch.dataset import OVERLAY_SIZE
 from gradcam.batch.explain import Explainer, explain_batch
 from gradcam.batch.inputs import collect_images
 from gradcam.batch.writer import MAP_FORMATS
@@ -163,6 +164,10 @@ def explain(
     workers: Annotated[int, typer.Option(min=0, help="Decoding processes when streaming.")] = 2,
     maps: Annotated[str, typer.Option(help="Raw maps when streaming: npy files or npz shards.")] = "npy",
     overwrite: Annotated[bool, typer.Option(help="Replace a run made with other settings in --out.")] = False,
+    overlay_size: Annotated[
+        int,
+        typer.Option(min=0, help="Streaming: longer side of the overlays in pixels (0: the full picture)."),
+    ] = OVERLAY_SIZE,
     engine: Annotated[
         str, typer.Option(help="Streaming engine: local or ray (pip install 'gradcam[ray]').")
     ] = "local",
@@ -205,6 +210,7 @@ def explain(
             "aug_smooth": aug_smooth,
             "eigen_smooth": eigen_smooth,
             "maps": maps,
+            "overlay_size": overlay_size,
         }
         ray = {"address": ray_address, "device": device} if engine == "ray" else None
         stream(files, settings, out, torch_device, batch_size, workers, overwrite, as_json, ray)

@@ -77,7 +77,17 @@ def stream(
         log = RunLog(out, settings, overwrite=overwrite)
     except GradCAMError as error:
         raise fail(str(error)) from None
-    job = Job(loaded, explainer, out, wanted, settings["topk"], settings["maps"], batch_size, workers)
+    job = Job(
+        loaded,
+        explainer,
+        out,
+        wanted,
+        settings["topk"],
+        settings["maps"],
+        batch_size,
+        workers,
+        settings["overlay_size"],
+    )
     keys = output_keys(files)
     remaining = sum(1 for k in keys if k not in log.done)
     columns = (
