@@ -57,9 +57,9 @@ class ImageDataset(Dataset):
             return Sample(index, error=f"{path}: cannot be read as an image ({error})")
         size = frame.size
         if self.overlay_size and max(size) > self.overlay_size:
-            frame = frame.copy()
+            # frame() returns a new RGB image of our own (convert or resize): shrink it in place.
             frame.thumbnail((self.overlay_size, self.overlay_size), Image.Resampling.BILINEAR)
-        return Sample(index, tensor, np.asarray(frame.convert("RGB")), size)
+        return Sample(index, tensor, np.asarray(frame), size)
 
 
 def _keep_list(samples: list[Sample]) -> list[Sample]:

@@ -17,6 +17,7 @@ from gradcam.batch.explain import BatchResult, Explainer, explain_batch
 from gradcam.batch.manifest import RunLog
 from gradcam.batch.writer import ShardWriter, output_stem, write_map, write_overlay
 from gradcam.metrics.localization import boxes_from_map
+from gradcam.metrics.scoring import model_device
 from gradcam.models import LoadedModel
 
 
@@ -127,7 +128,7 @@ def run_local(
     summary = Summary(already_done=sum(1 for k in keys if k in log.done))
     todo = [i for i, key in enumerate(keys) if key not in log.done]
     todo_paths, todo_keys = [paths[i] for i in todo], [keys[i] for i in todo]
-    device = next(job.loaded.module.parameters()).device
+    device = model_device(job.loaded.module)
     shards = ShardWriter(job.out, _next_shard(job.out)) if job.maps == "npz" else None
     held: list[dict] = []  # lines whose maps wait in an unwritten shard
 

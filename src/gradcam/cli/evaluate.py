@@ -8,7 +8,6 @@ from typing import Annotated
 
 import torch
 import typer
-from PIL import Image
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
@@ -21,6 +20,7 @@ from rich.progress import (
 from rich.table import Table
 
 from gradcam import io
+from gradcam.batch.inputs import collect_images
 from gradcam.cli.common import (
     DeviceOption,
     LabelsOption,
@@ -81,12 +81,6 @@ def _fractions(text: str) -> tuple[float, ...]:
     return values
 
 
-def image_files(folder: Path) -> list[Path]:
-    """The files under ``folder`` (recursively) whose extension Pillow reads, sorted."""
-    extensions = {ext.lower() for ext in Image.registered_extensions()}
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in extensions)
-
-
 @app.command("evaluate")
 def evaluate_command(
     images_dir: Annotated[
@@ -140,7 +134,7 @@ def evaluate_command(
         boxes = load_annotations(annotations, loaded.labels, mapping=label_map)
     except GradCAMError as error:
         raise fail(str(error)) from None
-    files = image_files(images_dir)
+    files = collect_images([images_dir])  # the same folder walk as a dataset run of `gradcam explain`
     if not files:
         raise fail(f"IMAGES_DIR {images_dir} holds no image files")
     output_folder(out)

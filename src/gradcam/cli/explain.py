@@ -18,6 +18,7 @@ from gradcam import io, methods, models, viz
 from gradcam.batch.dataset import OVERLAY_SIZE
 from gradcam.batch.explain import Explainer, explain_batch
 from gradcam.batch.inputs import collect_images
+from gradcam.batch.local import Job
 from gradcam.batch.writer import MAP_FORMATS
 from gradcam.cli.common import (
     DeviceOption,
@@ -190,13 +191,28 @@ def explain(
         files = collect_images(specs)
     except GradCAMError as error:
         raise fail(str(error)) from None
-    if streams(specs, files):
+    streaming = streams(specs, files)
+    if streaming:
+        if not files:
+            raise fail("no image files found in the given folders, globs or lists")
         if guided:
             raise fail("--guided writes pictures per image: use it on a few image files, not a dataset")
         if maps not in MAP_FORMATS:
             raise fail(f"--maps '{maps}': expected one of {', '.join(MAP_FORMATS)}")
         if engine == "ray" and maps == "npz":
             raise fail("--maps npz is not available with --engine ray; use --maps npy")
+    try:
+        loaded = load_model(model, weights, labels, random_weights).to(torch_device)
+        wanted = [parse_class(spec, loaded.labels) for spec in target or []]
+        method_class = methods.get(method)
+        chosen = layer[0] if layer and len(layer) == 1 else (layer or None)
+        options = {"counterfactual": True} if counterfactual else {}
+        explainer = Explainer(
+            method_class(loaded.module, chosen, **options), aug_smooth, eigen_smooth, guided
+        )
+    except GradCAMError as error:
+        raise fail(str(error)) from None
+    if streaming:
         settings = {
             "model": model,
             "weights": str(weights) if weights else None,
@@ -212,20 +228,10 @@ def explain(
             "maps": maps,
             "overlay_size": overlay_size,
         }
+        job = Job(loaded, explainer, out, wanted, topk, maps, batch_size, workers, overlay_size)
         ray = {"address": ray_address, "device": device} if engine == "ray" else None
-        stream(files, settings, out, torch_device, batch_size, workers, overwrite, as_json, ray)
+        stream(job, files, settings, overwrite, as_json, ray)
         return
-    try:
-        loaded = load_model(model, weights, labels, random_weights).to(torch_device)
-        wanted = [parse_class(spec, loaded.labels) for spec in target or []]
-        method_class = methods.get(method)
-        chosen = layer[0] if layer and len(layer) == 1 else (layer or None)
-        options = {"counterfactual": True} if counterfactual else {}
-        explainer = Explainer(
-            method_class(loaded.module, chosen, **options), aug_smooth, eigen_smooth, guided
-        )
-    except GradCAMError as error:
-        raise fail(str(error)) from None
     output_folder(out)
 
     errors: list[dict] = []

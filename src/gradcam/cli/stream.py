@@ -6,7 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import typer
 from rich.progress import (
     BarColumn,
@@ -18,14 +17,11 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from gradcam import methods
-from gradcam.batch.explain import Explainer
 from gradcam.batch.inputs import output_keys
 from gradcam.batch.local import Job, run_local
 from gradcam.batch.manifest import RunLog
-from gradcam.cli.common import fail, load_model, output_folder, stderr, stdout
+from gradcam.cli.common import fail, output_folder, stderr, stdout
 from gradcam.errors import GradCAMError
-from gradcam.targets import parse_class
 
 #: More images than this are streamed even when given as files.
 HANDFUL = 16
@@ -47,47 +43,17 @@ class _Rate(ProgressColumn):
 
 
 def stream(
-    files: list[Path],
-    settings: dict,
-    out: Path,
-    device: torch.device,
-    batch_size: int,
-    workers: int,
-    overwrite: bool,
-    as_json: bool,
-    ray: dict | None = None,
+    job: Job, files: list[Path], settings: dict, overwrite: bool, as_json: bool, ray: dict | None = None
 ) -> None:
-    """Explain a dataset into ``out`` (see :mod:`gradcam.batch`) with the local engine, or on Ray when
-    ``ray`` holds the cluster's ``address`` and the workers' ``device``. The engine is not a setting of
-    the run: a run begun by one engine can be finished by the other."""
-    if not files:
-        raise fail("no image files found in the given folders, globs or lists")
+    """Run ``job`` over a dataset (see :mod:`gradcam.batch`) with the local engine, or on Ray when ``ray``
+    holds the cluster's ``address`` and the workers' ``device``. ``settings`` are the run's (run.json);
+    the engine is not one of them: a run begun by one engine can be finished by the other."""
+    out = job.out
     try:
-        loaded = load_model(
-            settings["model"], settings["weights"], settings["labels"], settings["random_weights"]
-        )
-        loaded.to(device)
-        wanted = [parse_class(spec, loaded.labels) for spec in settings["target"]]
-        layers = settings["layer"]
-        chosen = layers[0] if len(layers) == 1 else (layers or None)
-        options = {"counterfactual": True} if settings["counterfactual"] else {}
-        cam = methods.get(settings["method"])(loaded.module, chosen, **options)
-        explainer = Explainer(cam, settings["aug_smooth"], settings["eigen_smooth"])
         output_folder(out)
         log = RunLog(out, settings, overwrite=overwrite)
     except GradCAMError as error:
         raise fail(str(error)) from None
-    job = Job(
-        loaded,
-        explainer,
-        out,
-        wanted,
-        settings["topk"],
-        settings["maps"],
-        batch_size,
-        workers,
-        settings["overlay_size"],
-    )
     keys = output_keys(files)
     remaining = sum(1 for k in keys if k not in log.done)
     columns = (

@@ -32,7 +32,7 @@ from gradcam.metrics.confidence import ConfidenceChange, confidence_change, win_
 from gradcam.metrics.perturbation import deletion, insertion
 from gradcam.metrics.road import DEFAULT_FRACTIONS, road_curves
 from gradcam.metrics.saliency import BASELINES, make_saliency, names
-from gradcam.metrics.scoring import model_device, predict, target_probabilities
+from gradcam.metrics.scoring import model_device, predict
 from gradcam.models import LoadedModel
 
 TARGET_MODES = ("annotated", "predicted")
@@ -89,6 +89,10 @@ class MethodScores:
     def confidence(self) -> ConfidenceChange:
         return ConfidenceChange(torch.cat(self.original), torch.cat(self.explained))
 
+    def auc(self, kind: str) -> float:
+        """The mean over targets of the deletion or insertion curve's trapezoid AUC."""
+        return float(torch.trapezoid(torch.cat(getattr(self, kind)), self.fractions).mean())
+
     def curve(self, kind: str) -> torch.Tensor:
         """The mean deletion or insertion curve over every target, (S+1,)."""
         return torch.cat(getattr(self, kind)).mean(dim=0)
@@ -107,8 +111,8 @@ class MethodScores:
             "pointing_game": sum(self.pointing) / n,
             "localization_accuracy": sum(self.localized) / n,
             **top,
-            "deletion_auc": float(torch.trapezoid(torch.cat(self.deletion), self.fractions).mean()),
-            "insertion_auc": float(torch.trapezoid(torch.cat(self.insertion), self.fractions).mean()),
+            "deletion_auc": self.auc("deletion"),
+            "insertion_auc": self.auc("insertion"),
             "average_drop": confidence.average_drop,
             "increase_in_confidence": confidence.increase_in_confidence,
             "road": {
@@ -267,7 +271,8 @@ def _evaluate_batch(
     result: EvaluationResult,
 ) -> None:
     settings, model = result.settings, loaded.module
-    ranking = predict(model, x).argsort(dim=1, descending=True)[:, :5].tolist()
+    logits = predict(model, x)
+    ranking = logits.argsort(dim=1, descending=True)[:, :5].tolist()
     targets: list[_Target] = []
     for index, (path, image, objects) in enumerate(loaded_images):
         found, outside = _targets_of(path, index, objects, image, loaded, ranking[index], settings.target)
@@ -278,9 +283,11 @@ def _evaluate_batch(
             )
     if not targets:
         return
-    inputs = x[[t.image_index for t in targets]]
+    rows = [t.image_index for t in targets]
+    inputs = x[rows]
     labels = torch.tensor([t.label for t in targets], device=x.device)
-    base = target_probabilities(model, inputs, labels, batch_size=settings.batch_size)
+    # The unperturbed probabilities come from the forward that ranked the classes: no second pass.
+    base = torch.softmax(logits.double(), dim=1)[rows, labels.cpu()]
     scored = {
         name: _score(explain, model, inputs, labels, targets, settings, black, base)
         for name, explain in maps_of.items()

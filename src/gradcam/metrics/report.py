@@ -115,7 +115,7 @@ def plot_curves(result: EvaluationResult, kind: str, path: str | os.PathLike[str
             continue
         curve = scores.curve(kind).numpy()
         fractions = scores.fractions.numpy()
-        auc = float(scores.summary(False)[f"{kind}_auc"])
+        auc = scores.auc(kind)
         style = "--" if name in BASELINES else "-"
         axes.plot(fractions, curve, style, label=f"{name} (AUC {auc:.3f})")
     axes.set_xlabel("fraction of pixels " + ("removed" if kind == "deletion" else "inserted"))
