@@ -177,18 +177,47 @@ def test_resume_after_kill_minus_nine_writes_each_line_exactly_once(tmp_path: Pa
 
 def test_run_log_cuts_a_half_written_line_and_finishes_partly_written_images(tmp_path: Path) -> None:
     settings = {"model": "m"}
-    RunLog(tmp_path, settings)
+    RunLog(tmp_path, settings).close()
     line = {"key": "a.jpg", "target": 1, "of": 2}
     (tmp_path / "manifest.jsonl").write_text(json.dumps(line) + "\n" + '{"key": "b.jpg", "tar')
-    log = RunLog(tmp_path, settings)
-    assert (tmp_path / "manifest.jsonl").read_text() == json.dumps(line) + "\n"
-    assert "a.jpg" not in log.done  # one of its two targets is missing
-    log.append([line, {"key": "a.jpg", "target": 7, "of": 2}])
+    with RunLog(tmp_path, settings) as log:
+        assert (tmp_path / "manifest.jsonl").read_text() == json.dumps(line) + "\n"
+        assert "a.jpg" not in log.done  # one of its two targets is missing
+        log.append([line, {"key": "a.jpg", "target": 7, "of": 2}])
     assert [json.loads(x)["target"] for x in (tmp_path / "manifest.jsonl").read_text().splitlines()] == [1, 7]
-    assert "a.jpg" in RunLog(tmp_path, settings).done
+    with RunLog(tmp_path, settings) as log:
+        assert "a.jpg" in log.done
     with pytest.raises(GradCAMError, match="other settings"):
         RunLog(tmp_path, {"model": "other"})
-    assert RunLog(tmp_path, {"model": "other"}, overwrite=True).records == []
+    with RunLog(tmp_path, {"model": "other"}, overwrite=True) as log:
+        assert log.records == []
+
+
+def test_run_log_removes_what_killed_writes_left_and_keeps_everything_else(tmp_path: Path) -> None:
+    nested = tmp_path / "cats" / "indoor"
+    nested.mkdir(parents=True)
+    stale = [tmp_path / ".a.jpg_overlay.png.0123abcd.tmp", nested / ".b.jpg_map.npy.deadbeef.tmp"]
+    kept = [
+        nested / "b.jpg_map.npy",
+        tmp_path / "notes.tmp",
+        tmp_path / ".hidden.tmp",
+        nested / ".x.zzzzzzzz.tmp",
+    ]
+    for path in stale + kept:
+        path.write_bytes(b"partial")
+    RunLog(tmp_path, {"model": "m"}).close()
+    assert [p.exists() for p in stale] == [False, False]
+    assert [p.exists() for p in kept] == [True] * len(kept)
+
+
+def test_a_folder_in_use_by_another_run_is_refused_until_released(tmp_path: Path) -> None:
+    with RunLog(tmp_path, {"model": "m"}):
+        with pytest.raises(GradCAMError, match="in use by another gradcam run"):
+            RunLog(tmp_path, {"model": "m"})
+        script = "import sys, pathlib, gradcam.batch.manifest as m; m.RunLog(pathlib.Path(sys.argv[1]), {})"
+        other = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+        assert other.returncode != 0 and "in use by another gradcam run" in other.stderr
+    RunLog(tmp_path, {"model": "m"}).close()  # released: the next run may start
 
 
 def test_npz_shards_hold_every_map_under_its_key(tmp_path: Path) -> None:

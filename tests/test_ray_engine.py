@@ -59,12 +59,12 @@ def job_factory():
 
 
 def _run(engine, job: Job, files: list[Path], **options):
-    log = RunLog(job.out, SETTINGS)
     seen: list[int] = []
     errors: list[str] = []
-    summary = engine(
-        job, files, output_keys(files), log, progress=seen.append, on_error=errors.append, **options
-    )
+    with RunLog(job.out, SETTINGS) as log:
+        summary = engine(
+            job, files, output_keys(files), log, progress=seen.append, on_error=errors.append, **options
+        )
     return summary, seen, errors
 
 

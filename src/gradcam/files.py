@@ -4,11 +4,32 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
 
 import numpy as np
+
+_TEMPORARY_NAME = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+
+
+def _temporary_path(target: Path) -> Path:
+    return target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+
+
+def remove_stale_temporaries(folder: Path) -> int:
+    """Delete the temporary files that writes killed mid-way (kill -9, power loss) left under ``folder``.
+
+    Only call this while no other process writes there. Returns how many were removed.
+    """
+    removed = 0
+    for root, _, names in os.walk(folder):
+        for name in names:
+            if _TEMPORARY_NAME.fullmatch(name):
+                Path(root, name).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 def _create_temporary(target: Path) -> tuple[int, Path]:
@@ -23,7 +44,7 @@ def _create_temporary(target: Path) -> tuple[int, Path]:
         mode = None
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
     for _ in range(100):
-        temporary = target.parent / f".{target.name}.{secrets.token_hex(4)}.tmp"
+        temporary = _temporary_path(target)
         try:
             descriptor = os.open(temporary, flags, 0o666)
         except FileExistsError:

@@ -5,7 +5,8 @@
 power) can therefore leave at most a partial last line, which the next run cuts off, and files without a
 line, which the next run writes again (atomically). Each line says how many targets its image has
 (``of``), so an image is done when all its lines are there; a rerun skips it and finishes the rest
-without writing any line twice.
+without writing any line twice. Writes killed mid-way leave only temporary files, which the next run
+deletes; ``DIR/.lock`` keeps two runs from writing into one folder at the same time.
 """
 
 from __future__ import annotations
@@ -13,11 +14,31 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import IO
 
 from gradcam.errors import GradCAMError
-from gradcam.files import atomic_write_bytes
+from gradcam.files import atomic_write_bytes, remove_stale_temporaries
 
-RUN_FILE, MANIFEST_FILE, ERRORS_FILE = "run.json", "manifest.jsonl", "errors.jsonl"
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; one run per folder is then the user's to keep
+    fcntl = None  # type: ignore[assignment]
+
+RUN_FILE, MANIFEST_FILE, ERRORS_FILE, LOCK_FILE = "run.json", "manifest.jsonl", "errors.jsonl", ".lock"
+
+
+def _lock(out: Path) -> IO[bytes]:
+    """Hold an exclusive lock on ``out`` for as long as the returned file is open."""
+    handle = open(out / LOCK_FILE, "ab")
+    if fcntl is not None:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise GradCAMError(
+                f"--out {out} is in use by another gradcam run; wait for it or use another --out"
+            ) from None
+    return handle
 
 
 def _read_lines(path: Path) -> list[dict]:
@@ -59,11 +80,31 @@ class RunLog:
     """The settings, manifest and errors of one output folder, opened for a run with ``settings``.
 
     Refuses a folder written with other settings unless ``overwrite`` (then the old records go; files
-    are overwritten as the new run writes them).
+    are overwritten as the new run writes them), and a folder another run holds. Holds the folder's lock
+    until :meth:`close` (or the end of a ``with`` block).
     """
 
     def __init__(self, out: Path, settings: dict, *, overwrite: bool = False) -> None:
         self.out = out
+        self._lock = _lock(out)
+        try:
+            self._open(settings, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the folder for other runs."""
+        self._lock.close()
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _open(self, settings: dict, overwrite: bool) -> None:
+        out = self.out
         self.settings = settings
         self.manifest_path, self.errors_path = out / MANIFEST_FILE, out / ERRORS_FILE
         run_path = out / RUN_FILE
@@ -88,6 +129,7 @@ class RunLog:
         elif overwrite:
             self.manifest_path.unlink(missing_ok=True)
             self.errors_path.unlink(missing_ok=True)
+        remove_stale_temporaries(out)
         atomic_write_bytes(run_path, (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
         self.records = _read_lines(self.manifest_path)
         self._written = {(r["key"], r["target"]) for r in self.records}

@@ -54,33 +54,34 @@ def stream(
         log = RunLog(out, settings, overwrite=overwrite)
     except GradCAMError as error:
         raise fail(str(error)) from None
-    keys = output_keys(files)
-    remaining = sum(1 for k in keys if k not in log.done)
-    columns = (
-        TextColumn("explaining"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        _Rate(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
-        task = progress.add_task("explaining", total=remaining)
-        report = {
-            "progress": lambda n: progress.advance(task, n),
-            "on_error": lambda message: progress.console.print(f"error: {message}", markup=False),
-        }
-        try:
-            if ray is None:
-                summary = run_local(job, files, keys, log, **report)
-            else:
-                from gradcam.batch.ray_engine import run_ray
+    with log:
+        keys = output_keys(files)
+        remaining = sum(1 for k in keys if k not in log.done)
+        columns = (
+            TextColumn("explaining"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            _Rate(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
+            task = progress.add_task("explaining", total=remaining)
+            report = {
+                "progress": lambda n: progress.advance(task, n),
+                "on_error": lambda message: progress.console.print(f"error: {message}", markup=False),
+            }
+            try:
+                if ray is None:
+                    summary = run_local(job, files, keys, log, **report)
+                else:
+                    from gradcam.batch.ray_engine import run_ray
 
-                summary = run_ray(
-                    job, files, keys, log, address=ray["address"], device=ray["device"], **report
-                )
-        except GradCAMError as error:
-            raise fail(str(error)) from None
+                    summary = run_ray(
+                        job, files, keys, log, address=ray["address"], device=ray["device"], **report
+                    )
+            except GradCAMError as error:
+                raise fail(str(error)) from None
     document = {
         "images": summary.images,
         "targets": summary.targets,
