@@ -63,7 +63,8 @@ def explained(job: Job, paths: list[Path], keys: list[str], scratch: Path) -> fl
     out.mkdir()
     job.out = out
     started = time.perf_counter()
-    run_local(job, paths, keys, RunLog(out, {"benchmark": True}))
+    with RunLog(out, {"benchmark": True}) as log:
+        run_local(job, paths, keys, log)
     return len(paths) / (time.perf_counter() - started)
 
 

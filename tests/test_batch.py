@@ -99,9 +99,9 @@ def test_a_folder_streams_into_a_mirrored_layout_with_one_manifest_line_per_imag
         assert r["class"] == r["top5"][r["rank"]]["class"]
         overlay, raw = out / r["files"]["overlay"], out / r["files"]["map"]
         assert overlay.parent == out / Path(r["key"]).parent  # the input folders, mirrored
-        with Image.open(overlay) as picture:  # the picture, its longer side at most 512 (--overlay-size)
+        with Image.open(overlay) as picture:  # the picture, its longer side at most 384 (--overlay-size)
             width, height = r["size"]
-            assert max(picture.size) == min(512, max(width, height))
+            assert max(picture.size) == min(384, max(width, height))
             assert picture.width / picture.height == pytest.approx(width / height, rel=0.01)
         assert np.load(raw).shape == (7, 7)
         x0, y0, x1, y1 = r["box"]

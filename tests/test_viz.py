@@ -85,6 +85,24 @@ def test_heatmap_other_colormaps(cmap):
     np.testing.assert_array_equal(as_int(heatmap(values, cmap)), colours_of(values, cmap))
 
 
+@pytest.mark.parametrize("entries", [10, 256, 1000])
+def test_heatmap_matches_matplotlib_for_tables_of_any_length(entries):
+    name = f"test-jet-{entries}"
+    matplotlib.colormaps.register(matplotlib.colormaps["jet"].resampled(entries), name=name)
+    try:
+        # Bin edges and their float32 neighbours, where a rounding slip would pick the next colour.
+        edges = np.arange(entries + 1, dtype=np.float32) / entries
+        values = np.concatenate(
+            [edges, np.nextafter(edges, 0), np.nextafter(edges, 1), random_map(9, 9).ravel()]
+        )
+        values = np.clip(values, 0, 1).astype(np.float32)[None, :]
+        # The oracle is matplotlib on the float32 map itself (it bins in the array's own precision).
+        expected = np.round(matplotlib.colormaps[name](values)[..., :3] * 255).astype(int)
+        np.testing.assert_array_equal(as_int(heatmap(values, name)), expected)
+    finally:
+        matplotlib.colormaps.unregister(name)
+
+
 def test_heatmap_gray_colormap_is_the_value_times_255():
     values = np.array([[0.0, 0.5, 1.0]], dtype=np.float32)
 
@@ -369,6 +387,19 @@ def test_save_png_keeps_alpha_and_accepts_string_paths(tmp_path):
     with Image.open(target) as reread:
         assert reread.mode == "RGBA"
         np.testing.assert_array_equal(np.asarray(reread), rgba)
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "1", "I;16"])
+def test_save_png_round_trips_every_mode_pillow_reads_back(tmp_path, mode):
+    rng = np.random.default_rng(4)
+    if mode == "I;16":
+        picture = Image.fromarray(rng.integers(0, 65536, size=(6, 9), dtype=np.uint16))
+    else:
+        picture = Image.fromarray(rng.integers(0, 256, size=(6, 9, 3), dtype=np.uint8)).convert(mode)
+    target = save_png(picture, tmp_path / f"{mode.replace(';', '')}.png")
+    with Image.open(target) as reread:
+        assert reread.mode == picture.mode
+        np.testing.assert_array_equal(np.asarray(reread), np.asarray(picture))
 
 
 def test_save_png_overwrites(tmp_path):

@@ -4,7 +4,7 @@ Layout of an output folder ``OUT`` (input folders mirrored below it, relative to
 holds every input; ``key`` is that relative path in POSIX form):
 
 - ``OUT/<key>_<target>-<class slug>[_<method>]_overlay.png``: the map over the picture (the whole image for
-  models that resize the whole frame, the crop otherwise; its longer side at most ``overlay_size``, 512
+  models that resize the whole frame, the crop otherwise; its longer side at most ``overlay_size``, 384
   pixels by default, 0 for the full picture);
 - ``OUT/<key>_<target>-<class slug>[_<method>]_map.npy``: the raw map at the layer's resolution, or with
   ``maps="npz"`` an array named ``<key>#<target>`` in ``OUT/maps/shard-NNNNNN.npz``;

@@ -16,9 +16,10 @@ from gradcam.errors import ImageLoadError
 from gradcam.models import Preprocess
 
 #: Dataset overlays are drawn on a copy of the picture whose longer side is at most this many pixels: a
-#: browsing picture (the raw map is the data). PNG encoding of full-size overlays costs about as much CPU
-#: as the model's forward pass; 0 keeps the full picture.
-OVERLAY_SIZE = 512
+#: browsing picture, 1.5 times the gallery's thumbnails (the raw map is the data, and a 7x7 map has no
+#: finer detail to show). At 384 an overlay PNG is about 150 kB and takes some 6 ms of CPU to draw and
+#: encode; a full-size one can cost as much as the model's forward pass and 1 MB. 0 keeps the full picture.
+OVERLAY_SIZE = 384
 
 
 @dataclass
