@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io as _io
 import os
 import warnings
 from pathlib import Path
@@ -53,20 +54,34 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_PIXELS) ->
     """
     file = Path(path)
     if not file.exists():
-        raise ImageLoadError(f"{file}: no such file")
+        raise ImageLoadError(f"{file}: no such file", reason="missing")
     if not file.is_file():
-        raise ImageLoadError(f"{file}: not a file")
+        raise ImageLoadError(f"{file}: not a file", reason="missing")
     if file.stat().st_size == 0:
-        raise ImageLoadError(f"{file}: empty file")
+        raise ImageLoadError(f"{file}: empty file", reason="empty")
+    return _decode(file, file, max_pixels)
+
+
+def decode_image(data: bytes, name: str = "upload", *, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Decode an image held in memory (an upload) exactly as :func:`load_image` reads a file; errors
+    name ``name`` (shown to the sender, never used as a path)."""
+    if not data:
+        raise ImageLoadError(f"{name}: empty file", reason="empty")
+    return _decode(_io.BytesIO(data), name, max_pixels)
+
+
+def _decode(source: Path | _io.BytesIO, file: object, max_pixels: int) -> Image.Image:
+    """Open, check the pixel count before decoding, decode, orient and convert to RGB."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(file) as opened:
+            with Image.open(source) as opened:
                 width, height = opened.size
                 if width * height > max_pixels:
                     raise ImageLoadError(
                         f"{file}: {width}x{height} pixels exceeds the limit of {max_pixels} "
-                        "(possible decompression bomb)"
+                        "(possible decompression bomb)",
+                        reason="too-large",
                     )
                 opened.load()
                 image = ImageOps.exif_transpose(opened)
@@ -74,10 +89,12 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int = MAX_PIXELS) ->
     except ImageLoadError:
         raise
     except UnidentifiedImageError:
-        raise ImageLoadError(f"{file}: not an image file Pillow can read") from None
+        raise ImageLoadError(f"{file}: not an image file Pillow can read", reason="format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageLoadError(f"{file}: image too large (possible decompression bomb)") from None
+        raise ImageLoadError(
+            f"{file}: image too large (possible decompression bomb)", reason="too-large"
+        ) from None
     except PermissionError:
-        raise ImageLoadError(f"{file}: permission denied") from None
+        raise ImageLoadError(f"{file}: permission denied", reason="permission") from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ImageLoadError(f"{file}: corrupt or truncated image ({error})") from None
