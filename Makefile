@@ -17,13 +17,14 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
-	$(BIN)/python -m pip install --quiet -e '.[test,ray]'
+	$(BIN)/python -m pip install --quiet -e '.[test,ray,serve]'
 	touch $@
 
 demo: $(VENV)/.installed
 	$(BIN)/gradcam explain examples/cat.png examples/coffee.png --out demo-out
 
 test: $(VENV)/.installed-test
+	-.ci/install-chromium
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 

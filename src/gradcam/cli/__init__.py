@@ -7,8 +7,22 @@ import sys
 import typer
 from typer.exceptions import TyperException
 
-from gradcam.cli import evaluate, explain, report  # noqa: F401  (each module registers its commands on the app)
-from gradcam.cli.common import app, stderr
+from gradcam.cli import evaluate, explain, report, serve  # noqa: F401  (each module registers its commands on the app)
+from gradcam.cli.common import app, fail, stderr
+
+try:
+    from gradcam.cli.study import study_app
+except ImportError as missing:  # the serve extra (SQLAlchemy, FastAPI) is not installed
+    _missing = missing.name
+
+    @app.command("study", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def _study_needs_serve_extra() -> None:
+        """Human trust studies (needs the serve extra)."""
+        raise fail(
+            f"gradcam study needs the serve extra ({_missing} is missing): pip install 'gradcam[serve]'"
+        )
+else:
+    app.add_typer(study_app, name="study")
 
 __all__ = ["app", "main"]
 

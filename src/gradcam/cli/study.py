@@ -1,0 +1,278 @@
+"""``gradcam study``: create a trust study from the command line, list studies, read the results.
+
+The protocol (Selvaraju et al., ICCV 2017, section 5.2) is described in :mod:`gradcam.serve.study`; raters
+answer through ``gradcam serve`` at the link ``create`` prints.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+from sqlalchemy.exc import SQLAlchemyError
+
+from gradcam.cli.common import DeviceOption, fail, parse_device, stderr, stdout
+from gradcam.errors import GradCAMError
+from gradcam.serve.models import ModelPool
+from gradcam.serve.study import pairs as selection
+from gradcam.serve.study.results import StudyResults, ratings_csv, results_dict, summarise
+from gradcam.serve.study.store import DEFAULT_DB_URL, StudyStore, database_url, sqlite_file
+
+study_app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Human trust studies (Grad-CAM paper, section 5.2): which of two models do raters trust more?",
+)
+
+DbOption = Annotated[
+    str, typer.Option("--db", help="Database: a SQLAlchemy URL or a SQLite file path.", show_default=True)
+]
+#: How many skipped images ``create`` names before summing up the rest.
+SHOWN_SKIPS = 10
+
+
+def _open(db: str, *, must_exist: bool) -> StudyStore:
+    url = database_url(db)
+    file = sqlite_file(url)
+    if must_exist and file is not None and not file.is_file():
+        raise fail(f"--db {db}: no study database at {file}; create a study first (gradcam study create)")
+    try:
+        return StudyStore(url)
+    except GradCAMError as error:
+        raise fail(f"--db {db}: {error}") from None
+    except SQLAlchemyError as error:
+        raise fail(f"--db {db}: cannot open the database ({_first_line(error)})") from None
+
+
+def _first_line(error: SQLAlchemyError) -> str:
+    return str(getattr(error, "orig", None) or error).splitlines()[0]
+
+
+def _methods(text: str) -> list[str]:
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if not names:
+        raise fail("--methods is empty; expected comma-separated method names such as guided-gradcam")
+    return names
+
+
+@study_app.command("create")
+def create(
+    stronger: Annotated[str, typer.Option(help="The model expected to be better (the paper: VGG-16).")],
+    weaker: Annotated[str, typer.Option(help="The other model (the paper: AlexNet).")],
+    images: Annotated[Path, typer.Option(help="Folder of images (searched recursively).")],
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated visualisation methods.")
+    ] = "guided-backprop,guided-gradcam",
+    annotations: Annotated[
+        Path | None,
+        typer.Option(help='JSON {"<image file name>": <class index or name>}: keep only correct images.'),
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="The study's name (default: the folder's name).")] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="Seeds the sides and the image draw (default: random).")
+    ] = None,
+    max_images: Annotated[int | None, typer.Option(min=1, help="Keep at most this many images.")] = None,
+    db: DbOption = DEFAULT_DB_URL,
+    device: DeviceOption = "cpu",
+) -> None:
+    """Select the images both models classify alike, pre-render every pair, store the study."""
+    if not images.is_dir():
+        raise fail(f"--images {images}: not a folder")
+    if seed is not None and not 0 <= seed < 2**31:
+        raise fail(f"--seed {seed}: expected 0 .. {2**31 - 1}")
+    chosen_methods = list(dict.fromkeys(_methods(methods)))
+    parse_device(device)
+    seed = seed if seed is not None else secrets.randbelow(2**31)
+    pool, chosen_methods, marks, found = _prepare(
+        stronger, weaker, chosen_methods, images, annotations, device
+    )
+    store = _open(db, must_exist=False)  # only now: a mistake above leaves no database file behind
+    try:
+        chosen = _select(pool, stronger, weaker, chosen_methods, images, found, marks, seed, max_images)
+        study = store.create_study(
+            name=name or images.resolve().name,
+            stronger_model=stronger,
+            weaker_model=weaker,
+            methods=chosen_methods,
+            folder=str(images.resolve()),
+            annotations=str(annotations.resolve()) if annotations is not None else None,
+            seed=seed,
+            pairs=chosen.pairs,
+        )
+    except SQLAlchemyError as error:
+        raise fail(f"--db {db}: cannot store the study ({_first_line(error)})") from None
+    finally:
+        store.close()
+    stdout.print(
+        f"study {study.id}: {study.pairs} pairs ({len(chosen.kept)} images x {len(chosen_methods)} methods), "
+        f"{len(chosen.skipped)} images skipped, seed {seed}",
+        markup=False,
+        highlight=False,
+    )
+    stdout.print(f"raters: /studies/{study.id}", markup=False, highlight=False)
+    stdout.print(f"results: /studies/{study.id}/results", markup=False, highlight=False)
+
+
+def _prepare(
+    stronger: str, weaker: str, methods: list[str], images: Path, annotations: Path | None, device: str
+) -> tuple[ModelPool, list[str], dict[str, frozenset[int]] | None, list[tuple[str, Path]]]:
+    """The models, checked methods, annotations and images of a study, or a one-line error."""
+    try:
+        pool = ModelPool([stronger, weaker], device=device)
+        strong, _ = selection.check_models(pool, stronger, weaker)
+        methods = selection.check_methods(methods)
+        marks = selection.read_annotations(annotations, strong.labels) if annotations is not None else None
+    except GradCAMError as error:
+        raise fail(str(error)) from None
+    found = selection.list_images(images)
+    if not found:
+        raise fail(f"--images {images}: no image files in it")
+    return pool, methods, marks, found
+
+
+def _select(
+    pool: ModelPool,
+    stronger: str,
+    weaker: str,
+    methods: list[str],
+    images: Path,
+    found: list[tuple[str, Path]],
+    marks: dict[str, frozenset[int]] | None,
+    seed: int,
+    max_images: int | None,
+) -> selection.Selection:
+    """The study's pairs, with the skipped images reported on stderr; a one-line error when none is kept."""
+    try:
+        with _progress() as bar:
+            task = bar.add_task("selecting and rendering", total=len(found))
+            chosen = selection.build_pairs(
+                pool,
+                stronger,
+                weaker,
+                methods,
+                found,
+                seed=seed,
+                annotations=marks,
+                max_images=max_images,
+                progress=lambda done, _total: bar.update(task, completed=done),
+            )
+    except GradCAMError as error:
+        raise fail(str(error)) from None
+    for skipped in chosen.skipped[:SHOWN_SKIPS]:
+        stderr.print(f"skipped {skipped.image}: {skipped.reason}", markup=False)
+    if len(chosen.skipped) > SHOWN_SKIPS:
+        stderr.print(f"skipped {len(chosen.skipped) - SHOWN_SKIPS} more images", markup=False)
+    if not chosen.pairs:
+        raise fail(f"--images {images}: {selection.nothing_kept(chosen)}")
+    return chosen
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
+        disable=not stderr.is_terminal,
+    )
+
+
+@study_app.command("results")
+def results(
+    study: Annotated[str, typer.Argument(help="The study's id.")],
+    db: DbOption = DEFAULT_DB_URL,
+    csv: Annotated[
+        Path | None, typer.Option("--csv", help="Also write the raw ratings to this CSV file.")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
+) -> None:
+    """Mean score of the stronger model per method, with a bootstrap 95% interval."""
+    store = _open(db, must_exist=True)
+    try:
+        found = store.study(study)
+        if found is None:
+            raise fail(f"study '{study}' not found in {db}; `gradcam study list` shows the studies")
+        ratings = store.ratings(study)
+        summary = summarise(found, ratings, store.pair_methods(study))
+    except SQLAlchemyError as error:
+        raise fail(f"--db {db}: cannot read the study ({_first_line(error)})") from None
+    finally:
+        store.close()
+    if csv is not None:
+        try:
+            csv.write_text(ratings_csv(found, ratings), encoding="utf-8")
+        except OSError as error:
+            raise fail(f"--csv {csv}: cannot write ({error.strerror or error})") from None
+    if as_json:
+        typer.echo(json.dumps(results_dict(summary), indent=2))
+    else:
+        _print_results(summary)
+    if csv is not None:
+        stderr.print(f"wrote {len(ratings)} ratings to {csv}", markup=False, highlight=False)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.2f}"
+
+
+def _print_results(summary: StudyResults) -> None:
+    study = summary.study
+    table = Table(
+        title=escape(
+            f"{study.name} ({study.id}): {study.stronger_model} (stronger) vs {study.weaker_model}, "
+            f"{summary.ratings} ratings by {summary.raters} raters"
+        ),
+        caption="score from the stronger model's side, -2..+2; 95% CI: percentile bootstrap",
+    )
+    for column in ("method", "mean", "95% CI", "ratings", "raters", "pairs", "note"):
+        table.add_column(column, justify="left" if column in ("method", "note") else "right")
+    for m in summary.methods:
+        ci = "-" if m.interval.low is None else f"[{_number(m.interval.low)}, {_number(m.interval.high)}]"
+        table.add_row(
+            escape(m.method),
+            _number(m.interval.mean),
+            ci,
+            str(m.ratings),
+            str(m.raters),
+            str(m.pairs),
+            escape(m.interval.note or ""),
+        )
+    stdout.print(table)
+
+
+@study_app.command("list")
+def list_studies(db: DbOption = DEFAULT_DB_URL) -> None:
+    """Every study in the database, newest first."""
+    store = _open(db, must_exist=True)
+    try:
+        studies = store.list_studies()
+    except SQLAlchemyError as error:
+        raise fail(f"--db {db}: cannot read the studies ({_first_line(error)})") from None
+    finally:
+        store.close()
+    table = Table(title=f"{len(studies)} studies")
+    for column in ("id", "name", "stronger", "weaker", "methods", "pairs", "raters", "ratings", "created"):
+        table.add_column(column)
+    for s in studies:
+        table.add_row(
+            s.id,
+            escape(s.name),
+            escape(s.stronger_model),
+            escape(s.weaker_model),
+            escape(",".join(s.methods)),
+            str(s.pairs),
+            str(s.raters),
+            str(s.ratings),
+            s.created.isoformat(timespec="seconds"),
+        )
+    stdout.print(table)

@@ -1,0 +1,221 @@
+"""One batch of images through one model and method, as the pictures and numbers the service returns.
+
+Every CAM method of :mod:`gradcam.methods` plus the two guided views of the Grad-CAM paper (Selvaraju et
+al., ICCV 2017, section 3.1): ``guided-backprop`` (Springenberg et al. 2015) and ``guided-gradcam``, the
+element-wise product of Guided Backpropagation and the upsampled Grad-CAM map. Images in one call may
+want different classes: they are explained together, one forward for all of them (see :func:`render`).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from gradcam import methods, viz
+from gradcam.errors import GradCAMError
+from gradcam.explanation import Explanation
+from gradcam.methods import CAM
+from gradcam.methods.guided import GuidedBackprop
+from gradcam.metrics.scoring import model_device
+from gradcam.models import LoadedModel
+
+GUIDED = ("guided-backprop", "guided-gradcam")
+#: Every method the service offers.
+METHODS: list[str] = methods.names() + list(GUIDED)
+
+
+@dataclass
+class TargetView:
+    """One explained class of one image."""
+
+    index: int
+    name: str
+    probability: float
+    score: float
+    heatmap: Image.Image | None  # the colormapped map at the picture's size (None: guided-backprop)
+    overlay: Image.Image | None  # the map over the picture, alpha 0.5 (None: guided-backprop)
+    guided: Image.Image | None  # the guided-backprop / guided-gradcam picture, in the model's input view
+    raw: np.ndarray | None  # the map at the layer's resolution (None: guided-backprop)
+
+
+@dataclass
+class ImageView:
+    """One image explained: its picture (the frame the maps register with), top-5 and targets."""
+
+    model: str
+    method: str
+    layer: str | None
+    picture: Image.Image
+    predictions: list[tuple[int, str, float]]
+    targets: list[TargetView]
+
+
+def describe(method: str) -> str:
+    """A one-line description of any of :data:`METHODS`."""
+    if method == "guided-backprop":
+        return "Guided Backpropagation (Springenberg et al. 2015): positive input gradients through ReLUs"
+    if method == "guided-gradcam":
+        return "Guided Grad-CAM (Selvaraju et al. 2017): Guided Backpropagation times the Grad-CAM map"
+    return methods.describe(method)
+
+
+def check_method(method: str) -> str:
+    """``method`` when the service offers it, else a GradCAMError listing the choices."""
+    if method not in METHODS:
+        raise GradCAMError(f"method '{method}' not found; choose from {', '.join(METHODS)}")
+    return method
+
+
+# CAM objects remember the automatically found layer per input shape: keep one per model, method and
+# layer for as long as the model lives.
+_cams: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str | None], CAM]] = weakref.WeakKeyDictionary()
+
+
+def _cam(module: nn.Module, method: str, layer: str | None) -> CAM:
+    cached = _cams.setdefault(module, {})
+    key = (method, layer)
+    if key not in cached:
+        cached[key] = methods.get(method)(module, layer)
+    return cached[key]
+
+
+def _grid(wanted: list[list[int]]) -> torch.Tensor:
+    """Per-image class lists as an (N,B) grid; a shorter list repeats its last class (not returned)."""
+    rows = max(len(w) for w in wanted)
+    return torch.tensor([[w[min(n, len(w) - 1)] for w in wanted] for n in range(rows)])
+
+
+def _explain(
+    cam: CAM, batch: torch.Tensor, targets: Sequence[Sequence[int]], topk: int
+) -> tuple[Explanation, list[list[int]]]:
+    """An (N,B) explanation of every wanted class and the wanted lists. One call when every image names
+    its classes or all want their top-1; otherwise a top-1 call first (its logits rank the classes)."""
+    if all(targets):
+        wanted = [list(dict.fromkeys(t)) for t in targets]
+        return cam(batch, _grid(wanted).to(batch.device)), wanted
+    first = cam(batch)
+    ranking = first.logits.argsort(dim=1, descending=True)
+    wanted = [list(dict.fromkeys(t)) or ranking[row, :topk].tolist() for row, t in enumerate(targets)]
+    ids = _grid(wanted)
+    if ids.tolist() == [first.targets.tolist()]:
+        return Explanation(
+            first.raw[None], first.targets[None], first.scores[None], first.probs[None], first.layer,
+            first.method, first.logits, first.input_size, first.maps[None],
+        ), wanted  # fmt: skip
+    return cam(batch, ids.to(batch.device)), wanted
+
+
+def _display(picture: Image.Image, size: int) -> Image.Image:
+    if size and max(picture.size) > size:
+        picture = picture.copy()
+        picture.thumbnail((size, size), Image.Resampling.BILINEAR)
+    return picture
+
+
+@dataclass
+class Computed:
+    """What the model produced for a batch, before any picture is drawn."""
+
+    method: str
+    explanation: Explanation  # (N,B) rows of wanted classes
+    wanted: list[list[int]]
+    guided: torch.Tensor | None  # (N,B,C,H,W) for the guided views
+
+
+def prepare(loaded: LoadedModel, images: Sequence[Image.Image]) -> torch.Tensor:
+    """The model's input batch for ``images`` (no model work: no lock needed)."""
+    return torch.stack([loaded.preprocess(image) for image in images]).to(model_device(loaded.module))
+
+
+def compute(
+    loaded: LoadedModel,
+    method: str,
+    batch: torch.Tensor,
+    targets: Sequence[Sequence[int] | None] | None = None,
+    *,
+    topk: int = 1,
+    layer: str | None = None,
+) -> Computed:
+    """The model work for a batch: hold the model's lock around this call."""
+    check_method(method)
+    if not 1 <= topk <= len(loaded.labels):
+        raise GradCAMError(f"topk must be between 1 and {len(loaded.labels)}, got {topk}")
+    wanted_in = [list(t) if t else [] for t in (targets or [None] * len(batch))]
+    for classes in wanted_in:
+        for index in classes:
+            if not 0 <= index < len(loaded.labels):
+                raise GradCAMError(
+                    f"target {index} is out of range: the model has {len(loaded.labels)} classes"
+                )
+    cam = _cam(loaded.module, "gradcam" if method in GUIDED else method, layer)
+    explanation, wanted = _explain(cam, batch, wanted_in, topk)
+    guided = None
+    if method in GUIDED:
+        backprop = GuidedBackprop(loaded.module)
+        guided = torch.stack([backprop(batch, row.tolist()) for row in explanation.targets])  # (N,B,C,H,W)
+        if method == "guided-gradcam":
+            guided = guided * explanation.maps[:, :, None].to(guided.dtype)
+    return Computed(method, explanation, wanted, guided)
+
+
+def draw(
+    loaded: LoadedModel, images: Sequence[Image.Image], computed: Computed, *, display_size: int = 512
+) -> list[ImageView]:
+    """The pictures and numbers of a computed batch (no model work: run it outside the lock)."""
+    explanation, guided, method = computed.explanation, computed.guided, computed.method
+    probabilities = explanation.logits.softmax(dim=1)
+    top_p, top_i = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
+    cam_view = method != "guided-backprop"
+    views = []
+    for row, image in enumerate(images):
+        picture = _display(loaded.preprocess.frame(image), display_size)
+        shown = []
+        for n, index in enumerate(computed.wanted[row]):
+            saliency = explanation.maps[n, row]
+            shown.append(
+                TargetView(
+                    index=index,
+                    name=loaded.labels[index],
+                    probability=float(explanation.probs[n, row]),
+                    score=float(explanation.scores[n, row]),
+                    heatmap=viz.overlay(picture, saliency, alpha=1.0) if cam_view else None,
+                    overlay=viz.overlay(picture, saliency) if cam_view else None,
+                    guided=viz.guided_image(guided[n, row]) if guided is not None else None,
+                    raw=explanation.raw[n, row].numpy().astype(np.float32) if cam_view else None,
+                )
+            )
+        predictions = [
+            (int(i), loaded.labels[int(i)], float(p)) for p, i in zip(top_p[row], top_i[row], strict=True)
+        ]
+        views.append(ImageView(loaded.name, method, explanation.layer, picture, predictions, shown))
+    return views
+
+
+def render(
+    loaded: LoadedModel,
+    method: str,
+    images: Sequence[Image.Image],
+    targets: Sequence[Sequence[int] | None] | None = None,
+    *,
+    topk: int = 1,
+    layer: str | None = None,
+    display_size: int = 512,
+) -> list[ImageView]:
+    """Explain ``images`` (RGB) with ``loaded`` and ``method``, all in one batch.
+
+    ``targets[i]`` lists image i's classes; empty or None: its ``topk`` best classes. Guided views use
+    Grad-CAM's forward for the predictions and the class maps. The caller holds the model's lock
+    (:meth:`gradcam.serve.models.ModelPool.lock`); a server holds it only around :func:`compute`.
+    Pictures are at most ``display_size`` a side.
+    """
+    check_method(method)
+    if not images:
+        return []
+    computed = compute(loaded, method, prepare(loaded, images), targets, topk=topk, layer=layer)
+    return draw(loaded, images, computed, display_size=display_size)

@@ -1,0 +1,192 @@
+// The rater's page of a trust study (study.html documents the page and its data-testid attributes).
+// Flow: GET the study's public info; take the rater id from localStorage or POST .../raters for a new
+// one; GET .../next and show the pair; each answer POSTs .../ratings and shows the next pair. A 409
+// (already rated, e.g. a second tab) just moves on. No external URLs; works from any path prefix.
+"use strict";
+
+(() => {
+  const path = window.location.pathname;
+  const at = path.lastIndexOf("/studies/");
+  const prefix = at >= 0 ? path.slice(0, at) : "";
+  const studyId = at >= 0 ? decodeURIComponent(path.slice(at + "/studies/".length).split("/")[0]) : "";
+  const api = `${prefix}/v1/studies/${encodeURIComponent(studyId)}`;
+  const storageKey = `gradcam-study-rater:${studyId}`;
+
+  const byTestId = (id) => document.querySelector(`[data-testid="${id}"]`);
+  const el = {
+    name: byTestId("study-name"),
+    loading: byTestId("loading"),
+    error: byTestId("error"),
+    pair: byTestId("pair"),
+    current: byTestId("progress-current"),
+    total: byTestId("progress-total"),
+    bar: byTestId("progress-bar"),
+    className: byTestId("class-name"),
+    robotA: byTestId("robot-a"),
+    robotB: byTestId("robot-b"),
+    done: byTestId("done"),
+    doneTotal: byTestId("done-total"),
+    buttons: Array.from(document.querySelectorAll("button[data-answer]")),
+  };
+
+  let rater = null;
+  let current = null; // the pair on screen: {pair, ...}
+  let busy = false;
+
+  // localStorage can be unavailable (private windows, disabled storage): then the id lives in memory.
+  const store = {
+    get() {
+      try {
+        return window.localStorage.getItem(storageKey);
+      } catch {
+        return null;
+      }
+    },
+    set(value) {
+      try {
+        window.localStorage.setItem(storageKey, value);
+      } catch {
+        /* kept in memory only */
+      }
+    },
+    forget() {
+      try {
+        window.localStorage.removeItem(storageKey);
+      } catch {
+        /* nothing stored */
+      }
+    },
+  };
+
+  class ApiError extends Error {
+    constructor(status, detail) {
+      super(detail);
+      this.status = status;
+    }
+  }
+
+  async function call(method, url, body) {
+    const options = { method, headers: { Accept: "application/json" } };
+    if (body !== undefined) {
+      options.headers["Content-Type"] = "application/json";
+      options.body = JSON.stringify(body);
+    }
+    let response;
+    try {
+      response = await fetch(url, options);
+    } catch {
+      throw new ApiError(0, "The server cannot be reached. Check the connection and reload the page.");
+    }
+    let data = null;
+    try {
+      data = await response.json();
+    } catch {
+      data = null;
+    }
+    if (!response.ok) {
+      const detail = data && typeof data.detail === "string" ? data.detail : `HTTP ${response.status}`;
+      throw new ApiError(response.status, detail);
+    }
+    return data;
+  }
+
+  function showError(message) {
+    el.error.textContent = message;
+    el.error.hidden = !message;
+  }
+
+  function setBusy(value) {
+    busy = value;
+    for (const button of el.buttons) button.disabled = value;
+  }
+
+  async function newRater() {
+    const issued = await call("POST", `${api}/raters`);
+    rater = issued.rater;
+    store.set(rater);
+    return rater;
+  }
+
+  async function fetchNext() {
+    const url = () => `${api}/next?rater=${encodeURIComponent(rater)}`;
+    try {
+      return await call("GET", url());
+    } catch (error) {
+      // A rater id this study does not know (a reset database, an id from elsewhere): start afresh once.
+      if (error.status !== 404 || !/rater/.test(error.message)) throw error;
+      store.forget();
+      await newRater();
+      return call("GET", url());
+    }
+  }
+
+  function showPair(next) {
+    current = next;
+    const number = next.rated + 1;
+    el.current.textContent = String(number);
+    el.total.textContent = String(next.total);
+    el.bar.max = next.total;
+    el.bar.value = next.rated;
+    el.className.textContent = next.class;
+    el.robotA.src = `data:image/png;base64,${next.robot_a}`;
+    el.robotB.src = `data:image/png;base64,${next.robot_b}`;
+    el.robotA.dataset.pair = String(next.pair);
+    el.robotB.dataset.pair = String(next.pair);
+    el.pair.hidden = false;
+    el.done.hidden = true;
+  }
+
+  function showDone(next) {
+    current = null;
+    el.doneTotal.textContent = String(next.total);
+    el.pair.hidden = true;
+    el.done.hidden = false;
+  }
+
+  async function advance() {
+    const next = await fetchNext();
+    el.loading.hidden = true;
+    if (next.done) showDone(next);
+    else showPair(next);
+  }
+
+  async function answer(value) {
+    if (busy || current === null) return;
+    setBusy(true);
+    showError("");
+    try {
+      try {
+        await call("POST", `${api}/ratings`, { rater, pair: current.pair, answer: value });
+      } catch (error) {
+        if (error.status !== 409) throw error; // 409: already rated (another tab); the first answer stands
+      }
+      await advance();
+    } catch (error) {
+      showError(error.message);
+    } finally {
+      setBusy(false);
+    }
+  }
+
+  async function start() {
+    setBusy(true);
+    try {
+      if (!studyId) throw new ApiError(404, "This address names no study.");
+      const info = await call("GET", api);
+      el.name.textContent = info.name;
+      document.title = `${info.name}: which robot is more reliable?`;
+      rater = store.get() || (await newRater());
+      await advance();
+    } catch (error) {
+      el.loading.hidden = true;
+      showError(error.status === 404 ? `This study does not exist (${error.message}).` : error.message);
+    } finally {
+      setBusy(false);
+    }
+  }
+
+  for (const button of el.buttons) {
+    button.addEventListener("click", () => answer(Number(button.dataset.answer)));
+  }
+  start();
+})();

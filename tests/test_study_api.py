@@ -1,0 +1,512 @@
+"""The study's HTTP API on a small FastAPI app with the study router, the real EfficientNet-Lite1 (stronger)
+and Lite0 (weaker): admin calls, the rater's walk through the pairs, every documented error, results."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from html.parser import HTMLParser
+from pathlib import Path
+
+import html5lib
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+from PIL import Image
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from gradcam.serve.models import ModelPool
+from gradcam.serve.study.routes import study_router
+from gradcam.serve.study.schemas import SCALE
+from gradcam.serve.study.store import PairRow, StudyStore
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+STATIC = Path(__file__).resolve().parent.parent / "src" / "gradcam" / "serve" / "static"
+STRONGER, WEAKER = "efficientnet-lite1", "efficientnet-lite0"
+TOKEN = "admin-secret-token"
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def app_for(store: StudyStore, pool: ModelPool, root: Path | None, token: str = TOKEN) -> TestClient:
+    app = FastAPI()
+    app.include_router(study_router(store, pool, token, root))
+    return TestClient(app)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    """set1: cat and coffee (kept), red (the models disagree), broken.png (unreadable), labels.json;
+    empty/: no image; .private/: hidden, never listed."""
+    base = tmp_path_factory.mktemp("study-images")
+    set1 = base / "set1"
+    set1.mkdir()
+    for name in ("cat.png", "coffee.png"):
+        (set1 / name).write_bytes((EXAMPLES / name).read_bytes())
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(set1 / "red.png")
+    (set1 / "broken.png").write_bytes(b"not a png")
+    (set1 / "labels.json").write_text(json.dumps({"cat.png": "Egyptian cat", "coffee.png": "tabby"}))
+    (base / "empty").mkdir()
+    (base / ".private").mkdir()
+    (base / ".private" / "cat.png").write_bytes((EXAMPLES / "cat.png").read_bytes())
+    (base / "outside.json").write_text("{}")
+    return base
+
+
+@pytest.fixture(scope="module")
+def pool() -> ModelPool:
+    return ModelPool([STRONGER, WEAKER])
+
+
+@pytest.fixture(scope="module")
+def db_url(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('db') / 'study.db'}"
+
+
+@pytest.fixture(scope="module")
+def store(db_url: str) -> StudyStore:
+    with StudyStore(db_url) as opened:
+        yield opened
+
+
+@pytest.fixture(scope="module")
+def client(store: StudyStore, pool: ModelPool, root: Path) -> TestClient:
+    return app_for(store, pool, root)
+
+
+BODY = {
+    "name": "Trust",
+    "stronger_model": STRONGER,
+    "weaker_model": WEAKER,
+    "methods": ["gradcam", "guided-backprop"],
+    "folder": "set1",
+    "seed": 7,
+}
+
+
+@pytest.fixture(scope="module")
+def study(client: TestClient) -> dict:
+    response = client.post("/v1/studies", json=BODY, headers=ADMIN)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def sides(store: StudyStore, study_id: str) -> dict[int, str]:
+    query = select(PairRow.id, PairRow.stronger_side).where(PairRow.study_id == study_id)
+    with Session(store.engine) as session:
+        return {pair: side for pair, side in session.execute(query)}
+
+
+def new_rater(client: TestClient, study_id: str) -> str:
+    response = client.post(f"/v1/studies/{study_id}/raters")
+    assert response.status_code == 201
+    return response.json()["rater"]
+
+
+# ------------------------------------------------------------------------------------------ admin
+
+
+ADMIN_CALLS = [
+    ("GET", "/v1/admin/folders"),
+    ("POST", "/v1/studies"),
+    ("GET", "/v1/studies"),
+    ("GET", "/v1/studies/{id}/results"),
+    ("GET", "/v1/studies/{id}/ratings.csv"),
+]
+
+
+@pytest.mark.parametrize(("method", "path"), ADMIN_CALLS)
+def test_admin_calls_need_the_token(client: TestClient, study: dict, method: str, path: str) -> None:
+    url = path.format(id=study["id"])
+    missing = client.request(method, url, json=BODY)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert "admin token" in missing.json()["detail"]
+    for header in (
+        "Bearer wrong",
+        f"Bearer {TOKEN}x",
+        f"Bearer {TOKEN[:-1]}",
+        "Bearer \u00e9t\u00e9".encode("latin-1"),
+    ):
+        assert client.request(method, url, json=BODY, headers={"Authorization": header}).status_code == 403
+    assert (
+        client.request(method, url, json=BODY, headers={"Authorization": f"Basic {TOKEN}"}).status_code == 401
+    )
+
+
+def test_without_an_admin_token_admin_calls_are_off(store: StudyStore, pool: ModelPool, root: Path) -> None:
+    client = app_for(store, pool, root, token="")
+    assert client.get("/v1/studies", headers={"Authorization": "Bearer anything"}).status_code == 403
+
+
+def test_folders_are_the_roots_visible_subfolders(client: TestClient) -> None:
+    response = client.get("/v1/admin/folders", headers=ADMIN)
+    assert response.status_code == 200
+    assert response.json() == {
+        "folders": [
+            {"name": "empty", "images": 0, "annotations": []},
+            {"name": "set1", "images": 4, "annotations": ["labels.json"]},
+        ]
+    }
+
+
+def test_a_root_with_images_of_its_own_is_listed_as_dot(
+    store: StudyStore, pool: ModelPool, tmp_path: Path
+) -> None:
+    (tmp_path / "cat.png").write_bytes((EXAMPLES / "cat.png").read_bytes())
+    client = app_for(store, pool, tmp_path)
+    assert client.get("/v1/admin/folders", headers=ADMIN).json()["folders"] == [
+        {"name": ".", "images": 1, "annotations": []}
+    ]
+
+
+def test_without_an_image_root_no_study_can_be_created(store: StudyStore, pool: ModelPool) -> None:
+    client = app_for(store, pool, None)
+    for response in (
+        client.get("/v1/admin/folders", headers=ADMIN),
+        client.post("/v1/studies", json=BODY, headers=ADMIN),
+    ):
+        assert response.status_code == 404 and "--study-images" in response.json()["detail"]
+
+
+def test_creating_a_study_keeps_only_images_both_models_agree_on(study: dict) -> None:
+    assert study["pairs"] == 4 and study["kept"] == 2  # cat and coffee, two methods each
+    assert {s["image"]: s["reason"].split(":")[0] for s in study["skipped"]} == {
+        "broken.png": "unreadable",
+        "red.png": "the models disagree",
+    }
+    assert study["methods"] == ["gradcam", "guided-backprop"] and study["seed"] == 7
+    assert (study["stronger_model"], study["weaker_model"], study["folder"]) == (STRONGER, WEAKER, "set1")
+    assert study["rater_path"] == f"/studies/{study['id']}"
+    assert study["results_path"] == f"/studies/{study['id']}/results"
+    assert re.fullmatch(r"[A-Za-z0-9_-]{12}", study["id"])
+
+
+def test_studies_are_listed_for_the_admin(client: TestClient, study: dict) -> None:
+    listed = client.get("/v1/studies", headers=ADMIN).json()["studies"]
+    assert study["id"] in [s["id"] for s in listed]
+
+
+def test_annotations_filter_the_images(client: TestClient) -> None:
+    response = client.post(
+        "/v1/studies", json={**BODY, "methods": ["gradcam"], "annotations": "labels.json"}, headers=ADMIN
+    )
+    assert response.status_code == 201, response.text
+    created = response.json()
+    assert (created["pairs"], created["kept"], created["annotations"]) == (1, 1, "labels.json")
+    reasons = {s["image"]: s["reason"] for s in created["skipped"]}
+    assert reasons["coffee.png"] == "both models say 'espresso', annotated 'tabby'"
+
+
+@pytest.mark.parametrize(
+    ("change", "status", "detail"),
+    [
+        ({"folder": "../set1"}, 404, "folder '../set1' not found; choose from empty, set1"),
+        ({"folder": "set1/../set1"}, 404, "not found"),
+        ({"folder": ".private"}, 404, "not found"),
+        ({"folder": "/etc"}, 404, "not found"),
+        ({"annotations": "../outside.json"}, 404, "annotations '../outside.json' not found in folder 'set1'"),
+        ({"annotations": "cat.png"}, 404, "not found"),
+        ({"weaker_model": STRONGER}, 422, "a study compares two models"),
+        ({"weaker_model": "resnet18"}, 422, "not served"),
+        ({"methods": ["gradcam", "nonesuch"]}, 422, "method 'nonesuch' not found"),
+        ({"folder": "empty"}, 422, "folder 'empty': no images found"),
+    ],
+)
+def test_bad_creations_are_refused(client: TestClient, change: dict, status: int, detail: str) -> None:
+    response = client.post("/v1/studies", json={**BODY, **change}, headers=ADMIN)
+    assert response.status_code == status, response.text
+    assert detail in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"methods": []},
+        {"name": ""},
+        {"seed": -1},
+        {"max_images": 0},
+        {"colour": "red"},
+        {"methods": "gradcam"},
+    ],
+)
+def test_malformed_bodies_are_422(client: TestClient, change: dict) -> None:
+    assert client.post("/v1/studies", json={**BODY, **change}, headers=ADMIN).status_code == 422
+
+
+def test_a_study_where_no_image_is_kept_is_not_stored(client: TestClient, store: StudyStore) -> None:
+    before = len(store.list_studies())
+    client.post("/v1/studies", json={**BODY, "folder": "empty"}, headers=ADMIN)
+    assert len(store.list_studies()) == before
+
+
+# ------------------------------------------------------------------------------------------ raters
+
+
+def test_public_info_names_no_model(client: TestClient, study: dict) -> None:
+    response = client.get(f"/v1/studies/{study['id']}")
+    assert response.status_code == 200
+    info = response.json()
+    assert (info["name"], info["pairs"]) == ("Trust", 4)
+    assert [(s["answer"], s["text"]) for s in info["scale"]] == [
+        (2, "Robot A is clearly more reliable than Robot B"),
+        (1, "Robot A is slightly more reliable than Robot B"),
+        (0, "Robot A and Robot B are equally reliable"),
+        (-1, "Robot A is slightly less reliable than Robot B"),
+        (-2, "Robot A is clearly less reliable than Robot B"),
+    ]
+    assert "efficientnet" not in response.text and "lite" not in response.text
+
+
+def test_a_rater_sees_every_pair_once_then_done(client: TestClient, store: StudyStore, study: dict) -> None:
+    study_id = study["id"]
+    rater = new_rater(client, study_id)
+    seen = []
+    while True:
+        response = client.get(f"/v1/studies/{study_id}/next", params={"rater": rater})
+        assert response.status_code == 200
+        shown = response.json()
+        assert (shown["total"], shown["rated"], shown["remaining"]) == (4, len(seen), 4 - len(seen))
+        if shown["done"]:
+            break
+        assert set(shown) == {
+            "done",
+            "total",
+            "rated",
+            "remaining",
+            "pair",
+            "class_index",
+            "class",
+            "robot_a",
+            "robot_b",
+        }
+        assert (shown["class_index"], shown["class"]) in {(285, "Egyptian cat"), (967, "espresso")}
+        for side in ("robot_a", "robot_b"):
+            picture = Image.open(io.BytesIO(base64.b64decode(shown[side], validate=True)))
+            assert picture.format == "PNG" and min(picture.size) >= 200
+        assert shown["robot_a"] != shown["robot_b"]
+        again = client.get(f"/v1/studies/{study_id}/next", params={"rater": rater}).json()
+        assert again["pair"] == shown["pair"]  # a reload shows the same pair
+        stored = client.post(
+            f"/v1/studies/{study_id}/ratings", json={"rater": rater, "pair": shown["pair"], "answer": 1}
+        )
+        assert stored.status_code == 201
+        assert stored.json() == {
+            "pair": shown["pair"],
+            "answer": 1,
+            "total": 4,
+            "rated": len(seen) + 1,
+            "remaining": 3 - len(seen),
+        }
+        seen.append(shown["pair"])
+    assert shown == {"done": True, "total": 4, "rated": 4, "remaining": 0, "pair": None, "class_index": None,
+                     "class": None, "robot_a": None, "robot_b": None}  # fmt: skip
+    assert sorted(seen) == sorted(sides(store, study_id))
+    again = client.post(
+        f"/v1/studies/{study_id}/ratings", json={"rater": rater, "pair": seen[0], "answer": -2}
+    )
+    assert again.status_code == 409 and "already rated" in again.json()["detail"]
+    mine = [r for r in store.ratings(study_id) if r.rater == rater]
+    assert len(mine) == 4 and {r.answer for r in mine} == {1}  # the refused answer was not stored
+
+
+def test_rater_errors(client: TestClient, study: dict) -> None:
+    study_id = study["id"]
+    other = client.post(
+        "/v1/studies", json={**BODY, "methods": ["gradcam"], "max_images": 1}, headers=ADMIN
+    ).json()
+    stranger = new_rater(client, other["id"])
+    rater = new_rater(client, study_id)
+    pair = client.get(f"/v1/studies/{study_id}/next", params={"rater": rater}).json()["pair"]
+    foreign_pair = client.get(f"/v1/studies/{other['id']}/next", params={"rater": stranger}).json()["pair"]
+    not_found = [
+        client.get("/v1/studies/nope"),
+        client.post("/v1/studies/nope/raters"),
+        client.get("/v1/studies/nope/next", params={"rater": rater}),
+        client.get(f"/v1/studies/{study_id}/next", params={"rater": "nobody"}),
+        client.get(f"/v1/studies/{study_id}/next", params={"rater": stranger}),
+        client.post("/v1/studies/nope/ratings", json={"rater": rater, "pair": pair, "answer": 0}),
+        client.post(f"/v1/studies/{study_id}/ratings", json={"rater": "nobody", "pair": pair, "answer": 0}),
+        client.post(f"/v1/studies/{study_id}/ratings", json={"rater": stranger, "pair": pair, "answer": 0}),
+        client.post(
+            f"/v1/studies/{study_id}/ratings", json={"rater": rater, "pair": foreign_pair, "answer": 0}
+        ),
+        client.post(f"/v1/studies/{study_id}/ratings", json={"rater": rater, "pair": 10**6, "answer": 0}),
+    ]
+    assert [r.status_code for r in not_found] == [404] * len(not_found)
+    assert all(isinstance(r.json()["detail"], str) for r in not_found)
+    for answer in (3, -3, 1.5, "1", True, None):
+        body = {"rater": rater, "pair": pair, "answer": answer}
+        assert client.post(f"/v1/studies/{study_id}/ratings", json=body).status_code == 422, answer
+    assert (
+        client.post(f"/v1/studies/{study_id}/ratings", json={"rater": rater, "pair": pair}).status_code == 422
+    )
+    assert client.get(f"/v1/studies/{study_id}/next").status_code == 422
+    assert client.get(f"/v1/studies/{study_id}/next", params={"rater": "x" * 65}).status_code == 422
+    assert client.get(f"/v1/studies/{study_id}/next", params={"rater": rater}).json()["rated"] == 0
+
+
+def test_concurrent_http_ratings_store_each_once(client: TestClient, store: StudyStore, study: dict) -> None:
+    study_id = study["id"]
+    pair = next(iter(sides(store, study_id)))
+    raters = [new_rater(client, study_id) for _ in range(20)]
+    before = len(store.ratings(study_id))
+    barrier = threading.Barrier(30)
+
+    def rate(i: int) -> int:
+        rater = raters[i] if i < 20 else raters[0]  # ten more submissions from the first rater
+        barrier.wait()
+        body = {"rater": rater, "pair": pair, "answer": 0}
+        return client.post(f"/v1/studies/{study_id}/ratings", json=body).status_code
+
+    with ThreadPoolExecutor(30) as threads:
+        codes = list(threads.map(rate, range(30)))
+    assert sorted(codes) == [201] * 20 + [409] * 10
+    assert len(store.ratings(study_id)) == before + 20
+
+
+# ----------------------------------------------------------------------------------------- results
+
+
+def test_results_score_from_the_stronger_side(
+    client: TestClient, store: StudyStore, pool: ModelPool, root: Path
+) -> None:
+    created = client.post(
+        "/v1/studies", json={**BODY, "methods": ["gradcam"], "seed": 3}, headers=ADMIN
+    ).json()
+    study_id = created["id"]
+    side = sides(store, study_id)
+    answers = [2, 1, -1]  # three raters, each gives the same answer to both pairs
+    for answer in answers:
+        rater = new_rater(client, study_id)
+        for pair in side:
+            assert (
+                client.post(
+                    f"/v1/studies/{study_id}/ratings", json={"rater": rater, "pair": pair, "answer": answer}
+                ).status_code
+                == 201
+            )
+    scores = [a if side[p] == "A" else -a for a in answers for p in side]  # by hand, from the stored sides
+    results = client.get(f"/v1/studies/{study_id}/results", headers=ADMIN)
+    assert results.status_code == 200
+    body = results.json()
+    [method] = body["methods"]
+    assert (body["ratings"], body["raters"], body["stronger_model"]) == (6, 3, STRONGER)
+    assert (method["method"], method["ratings"], method["raters"], method["pairs"]) == ("gradcam", 6, 3, 2)
+    assert method["mean"] == pytest.approx(sum(scores) / 6)
+    assert method["ci_low"] <= method["mean"] <= method["ci_high"]
+    assert method["counts"] == {str(s): scores.count(s) for s in (-2, -1, 0, 1, 2)}
+    csv_response = client.get(f"/v1/studies/{study_id}/ratings.csv", headers=ADMIN)
+    assert csv_response.status_code == 200 and csv_response.headers["content-type"].startswith("text/csv")
+    assert f'filename="study-{study_id}-ratings.csv"' in csv_response.headers["content-disposition"]
+    rows = list(csv.DictReader(io.StringIO(csv_response.text)))
+    assert len(rows) == 6
+    assert sorted(int(r["score"]) for r in rows) == sorted(scores)
+    assert all(int(r["score"]) == (1 if r["stronger_side"] == "A" else -1) * int(r["answer"]) for r in rows)
+    # A restart: a new store and app on the same database file still has every rating.
+    with StudyStore(store.url) as reopened:
+        restarted = app_for(reopened, pool, root)
+        assert restarted.get(f"/v1/studies/{study_id}/results", headers=ADMIN).json() == body
+
+
+def test_results_of_a_study_without_ratings(client: TestClient, study: dict) -> None:
+    fresh = client.post(
+        "/v1/studies", json={**BODY, "methods": ["gradcam"], "max_images": 1}, headers=ADMIN
+    ).json()
+    body = client.get(f"/v1/studies/{fresh['id']}/results", headers=ADMIN).json()
+    assert body["methods"][0] | {"counts": None} == {
+        "method": "gradcam", "pairs": 1, "ratings": 0, "raters": 0, "mean": None, "ci_low": None,
+        "ci_high": None, "ci_note": "no ratings yet", "counts": None,
+    }  # fmt: skip
+    assert client.get("/v1/studies/nope/results", headers=ADMIN).status_code == 404
+    assert client.get("/v1/studies/nope/ratings.csv", headers=ADMIN).status_code == 404
+
+
+# ------------------------------------------------------------------------------------ documentation
+
+
+def test_openapi_documents_every_route_and_error(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    paths = schema["paths"]
+    expected = {
+        ("/v1/admin/folders", "get"): {"200", "401", "403", "404"},
+        ("/v1/studies", "post"): {"201", "401", "403", "404", "422"},
+        ("/v1/studies", "get"): {"200", "401", "403"},
+        ("/v1/studies/{study_id}", "get"): {"200", "404", "422"},
+        ("/v1/studies/{study_id}/raters", "post"): {"201", "404", "422"},
+        ("/v1/studies/{study_id}/next", "get"): {"200", "404", "422"},
+        ("/v1/studies/{study_id}/ratings", "post"): {"201", "404", "409", "422"},
+        ("/v1/studies/{study_id}/results", "get"): {"200", "401", "403", "404", "422"},
+        ("/v1/studies/{study_id}/ratings.csv", "get"): {"200", "401", "403", "404", "422"},
+    }
+    for (path, method), codes in expected.items():
+        assert set(paths[path][method]["responses"]) == codes, (path, method)
+    assert "text/csv" in paths["/v1/studies/{study_id}/ratings.csv"]["get"]["responses"]["200"]["content"]
+    assert paths["/v1/studies/{study_id}/ratings"]["post"]["responses"]["409"]["content"]["application/json"]
+    components = schema["components"]["schemas"]
+    assert {"class", "robot_a", "robot_b", "done", "remaining"} <= set(components["NextPair"]["properties"])
+    assert components["RatingIn"]["properties"]["answer"]["minimum"] == -2
+    assert components["RatingIn"]["properties"]["answer"]["maximum"] == 2
+    assert "HTTPBearer" in schema["components"]["securitySchemes"]
+
+
+class _Buttons(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.buttons: list[tuple[int, str]] = []
+        self._answer: int | None = None
+
+    def handle_starttag(self, tag: str, attrs: list) -> None:
+        attributes = dict(attrs)
+        if tag == "button" and "data-answer" in attributes:
+            assert attributes["data-testid"] == f"answer-{attributes['data-answer']}"
+            self._answer = int(attributes["data-answer"])
+            self.buttons.append((self._answer, ""))
+
+    def handle_data(self, data: str) -> None:
+        if self._answer is not None:
+            answer, text = self.buttons[-1]
+            self.buttons[-1] = (answer, " ".join((text + " " + data).split()))
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "button":
+            self._answer = None
+
+
+def test_the_rater_page_offers_the_apis_scale() -> None:
+    parser = _Buttons()
+    parser.feed((STATIC / "study.html").read_text(encoding="utf-8"))
+    assert parser.buttons == list(SCALE)
+
+
+@pytest.mark.parametrize(
+    ("page", "script", "ids"),
+    [
+        (
+            "study.html",
+            "study.js",
+            {"robot-a", "robot-b", "class-name", "answer-2", "answer--2", "done", "progress"},
+        ),
+        (
+            "results.html",
+            "results.js",
+            {"results-table", "token-input", "token-submit", "csv-download", "error"},
+        ),
+    ],
+)
+def test_pages_are_valid_html_and_self_contained(page: str, script: str, ids: set[str]) -> None:
+    text = (STATIC / page).read_text(encoding="utf-8")
+    parser = html5lib.HTMLParser(
+        strict=True, tree=html5lib.getTreeBuilder("etree"), namespaceHTMLElements=False
+    )
+    tree = parser.parse(text)  # raises on any HTML5 parse error
+    assert ids <= {e.get("data-testid") for e in tree.iter() if e.get("data-testid")}
+    assert [e.get("src") for e in tree.iter("script")] == [
+        f"../{'../' * (page == 'results.html')}static/{script}"
+    ]
+    for name in (page, script):  # no external URLs: the machine serving it may have no network
+        assert not re.search(r"https?://", (STATIC / name).read_text(encoding="utf-8"))
