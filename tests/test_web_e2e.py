@@ -39,6 +39,9 @@ TOKEN = secrets.token_urlsafe(24)
 ANSWER = 60_000  # ms to wait for an answer: generous for slow CI machines (here: well under a second)
 PNG = b"\x89PNG\r\n\x1a\n"
 
+# CI (.ci/run sets GRADCAM_REQUIRE_BROWSER=1) must run these tests: there a missing browser is a failure.
+if not CHROMIUM.exists() and os.environ.get("GRADCAM_REQUIRE_BROWSER") == "1":
+    raise RuntimeError("GRADCAM_REQUIRE_BROWSER=1 but /usr/bin/chromium is missing: run .ci/install-chromium")
 pytestmark = pytest.mark.skipif(
     not CHROMIUM.exists(), reason="the browser tests need Debian's chromium at /usr/bin/chromium"
 )
