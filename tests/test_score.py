@@ -527,3 +527,20 @@ def test_progress_bar(
         live = int(model.features(x).flatten(2).ne(0).any(dim=2).sum())  # channels not zero everywhere
         expected = live if batch_size == 1 else 2
         assert bar.total == bar.advanced == expected
+
+
+@pytest.mark.parametrize("method", [ScoreCAM, AblationCAM])
+def test_a_layer_without_any_varying_channel_gives_a_zero_map_not_an_error(method):
+    # After global pooling every channel is one value: no channel has a spatial pattern to score, so
+    # Score-CAM has no masked input to run (an empty batch used to reach the model) and the map is 0.
+    class ViewHead(TinyHead):  # like EfficientNet, its flatten cannot take an empty batch
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.pool(self.relu(self.conv(x))).view(x.shape[0], -1))
+
+    model = ViewHead(channels=4, classes=3).double().eval()
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    explanation = method(model, "pool")(x, [0, 2])
+    if method is ScoreCAM:
+        assert torch.equal(explanation.raw, torch.zeros_like(explanation.raw))
+    assert explanation.raw.shape == (2, 1, 1)

@@ -74,8 +74,11 @@ def test_health_models_labels_and_methods_describe_what_is_served(client, lite0)
     assert missing.status_code == 404 and "'resnet50' is not served" in missing.json()["detail"]
     assert client.get("/v1/models/..%2F..%2Fetc/labels").status_code == 404
     methods = {m["name"]: m for m in client.get("/v1/methods").json()["methods"]}
-    assert {"gradcam", "gradcam++", "scorecam", "guided-backprop", "guided-gradcam"} <= set(methods)
+    assert {"gradcam", "gradcam++", "layercam", "guided-backprop", "guided-gradcam"} <= set(methods)
     assert methods["guided-gradcam"]["guided"] and not methods["gradcam"]["guided"]
+    assert "scorecam" not in methods and "ablationcam" not in methods  # minutes per image: opt-in
+    refused = post(client, {"method": "scorecam"})
+    assert refused.status_code == 422 and "--slow-methods" in refused.json()["detail"]
 
 
 # ------------------------------------------------------------------ numbers
@@ -158,7 +161,10 @@ def test_compare_two_methods_and_two_models(client):
     ("fields", "status", "words"),
     [
         ({"model": "../../etc/passwd"}, 422, "not served"),
-        ({"method": "evil"}, 422, "method 'evil' not found"),
+        ({"method": "evil"}, 422, "method 'evil' not offered"),
+        ({"target": ["1"] * 11}, 422, "at most 10 classes"),
+        ({"target": "--1"}, 422, "not a class name or index"),
+        ({"model": "m" * 90}, 422, "'" + "m" * 60 + "...' is not served"),
         ({"target": "zebraa"}, 422, "did you mean 'zebra'"),
         ({"target": "1000"}, 422, "out of range"),
         ({"topk": "0"}, 422, "field 'topk'"),
@@ -320,7 +326,7 @@ def test_a_request_that_breaks_the_model_fails_alone(gated):
     assert "flat picture" in others[2].result().json()["detail"]
     # The five queued together failed as a batch, then ran alone: the first request and four good ones
     # succeeded (a batch that had not included the bad image would show up here as a batch of four).
-    assert batcher.batches == [1, 1, 1, 1, 1]
+    assert list(batcher.batches) == [1, 1, 1, 1, 1]
 
 
 def test_the_model_is_left_as_found_after_answers_and_errors(client):
@@ -351,5 +357,9 @@ def test_openapi_documents_every_field_and_error(client):
         assert set(body["properties"]) == {"image", "model", "method", "target", "topk", "layer", "raw"}
         for name, field in body["properties"].items():
             assert field.get("description"), f"{path}: field {name} has no description"
+    # Every 422 is one line of JSON (the app's handler), never FastAPI's list of errors: documented so.
+    assert "HTTPValidationError" not in str(schema["paths"])
+    huge = client.post("/v1/studies/nope/ratings", json={"rater": "r", "pair": 2**63, "answer": 1})
+    assert huge.status_code == 422 and "pair" in huge.json()["detail"]
     explained = schema["components"]["schemas"]["Explained"]["properties"]
     assert all(f.get("description") or "$ref" in f or f.get("title") for f in explained.values())

@@ -213,7 +213,7 @@ def test_annotations_filter_the_images(client: TestClient) -> None:
         ({"annotations": "cat.png"}, 404, "not found"),
         ({"weaker_model": STRONGER}, 422, "a study compares two models"),
         ({"weaker_model": "resnet18"}, 422, "not served"),
-        ({"methods": ["gradcam", "nonesuch"]}, 422, "method 'nonesuch' not found"),
+        ({"methods": ["gradcam", "nonesuch"]}, 422, "method 'nonesuch' not offered"),
         ({"folder": "empty"}, 422, "folder 'empty': no images found"),
     ],
 )
@@ -433,9 +433,9 @@ def test_openapi_documents_every_route_and_error(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     paths = schema["paths"]
     expected = {
-        ("/v1/admin/folders", "get"): {"200", "401", "403", "404"},
+        ("/v1/admin/folders", "get"): {"200", "401", "403", "404", "422"},
         ("/v1/studies", "post"): {"201", "401", "403", "404", "422"},
-        ("/v1/studies", "get"): {"200", "401", "403"},
+        ("/v1/studies", "get"): {"200", "401", "403", "422"},
         ("/v1/studies/{study_id}", "get"): {"200", "404", "422"},
         ("/v1/studies/{study_id}/raters", "post"): {"201", "404", "422"},
         ("/v1/studies/{study_id}/next", "get"): {"200", "404", "422"},

@@ -113,7 +113,7 @@ CREATE = ("create", "--stronger", STRONGER, "--weaker", WEAKER, "--images", "{im
             ("create", "--stronger", STRONGER, "--weaker", "nosuch", "--images", "{images}"),
             "'nosuch' not found",
         ),
-        ((*CREATE, "--methods", "gradcam,x"), "method 'x' not found"),
+        ((*CREATE, "--methods", "gradcam,x"), "method 'x' not offered"),
         ((*CREATE, "--methods", ","), "--methods is empty"),
         ((*CREATE[:-1], "{tmp}/nothing"), "not a folder"),
         ((*CREATE, "--seed", "-1"), "--seed"),

@@ -184,7 +184,7 @@ def test_max_images_draws_a_reproducible_subset(pool: ModelPool, tmp_path: Path)
     [
         (STRONGER, STRONGER, ["gradcam"], "both 'efficientnet-lite1'"),
         (STRONGER, "resnet18", ["gradcam"], "not served"),
-        (STRONGER, WEAKER, ["nonesuch"], "method 'nonesuch' not found"),
+        (STRONGER, WEAKER, ["nonesuch"], "method 'nonesuch' not offered"),
         (STRONGER, WEAKER, [], "methods is empty"),
     ],
 )

@@ -8,6 +8,7 @@ import torch
 
 import gradcam
 from conftest import TinyHead
+from gradcam.errors import GradCAMError
 from gradcam.targets import parse_class
 
 
@@ -95,3 +96,11 @@ def test_parse_class_prefers_the_exact_name_and_refuses_ambiguity() -> None:
     assert parse_class("TABBY", labels) == 2
     with pytest.raises(ValueError, match=r"ambiguous: 'Cardigan' \(0\), 'cardigan' \(1\)"):
         parse_class("CARDIGAN", labels)
+
+
+@pytest.mark.parametrize("spec", ["--1", "²", "1" * 5000, "x" * 500, "٣"])
+def test_parse_class_refuses_odd_numbers_and_long_text_with_one_line(spec: str) -> None:
+    with pytest.raises(GradCAMError) as excinfo:
+        parse_class(spec, ["cat", "dog", "tabby"])
+    message = str(excinfo.value)
+    assert "\n" not in message and len(message) < 300

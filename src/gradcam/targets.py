@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import numbers
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -60,7 +61,10 @@ def resolve(logits: torch.Tensor, targets: TargetSpec) -> torch.Tensor:
 def parse_class(spec: str, labels: Sequence[str]) -> int:
     """A class given on the command line: an index ("281") or a class name ("tabby", any case)."""
     text = spec.strip()
-    if text.lstrip("-").isdigit():
+    if len(text) > 200:
+        raise GradCAMError(f"target class '{text[:40]}...' is too long to be a class name or index")
+    # ASCII digits only: str.isdigit() also accepts '²' or '--1', which int() refuses.
+    if re.fullmatch(r"-?[0-9]{1,12}", text):
         index = int(text)
         if not 0 <= index < len(labels):
             raise GradCAMError(f"target class {index} is out of range; expected 0..{len(labels) - 1}")

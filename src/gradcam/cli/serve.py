@@ -53,6 +53,9 @@ def serve(
     max_batch: Annotated[
         int, typer.Option(min=1, max=256, help="Most images merged into one forward/backward.")
     ] = 16,
+    slow_methods: Annotated[
+        bool, typer.Option(help="Also offer Score-CAM and Ablation-CAM (one forward per channel: minutes).")
+    ] = False,
     device: DeviceOption = "cpu",
     random_weights: RandomOption = False,
 ) -> None:
@@ -90,6 +93,7 @@ def serve(
         study_images=study_images,
         workers=workers,
         max_batch=max_batch,
+        slow_methods=slow_methods,
         loader=loader,
     )
     _check_port_free(host, port)

@@ -82,7 +82,8 @@ class _ChunkedCAM(CAM):
 
     def _chunks(self, live: list[torch.Tensor]) -> list[list[torch.Tensor]]:
         """Per image, the indices of its live channels in chunks of at most ``batch_size``."""
-        return [list(torch.split(channels, self.batch_size)) for channels in live]
+        # torch.split of an empty tensor gives one empty chunk: an image with no live channel gets none.
+        return [list(torch.split(channels, self.batch_size)) if len(channels) else [] for channels in live]
 
     @contextmanager
     def _progress(self, total: int, context: MapContext) -> Iterator[Callable[[], None]]:

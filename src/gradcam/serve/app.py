@@ -30,7 +30,7 @@ from gradcam.errors import GradCAMError, ImageLoadError
 from gradcam.serve.batcher import Batcher, Overloaded
 from gradcam.serve.limits import MEGABYTE, DeclaredSizeLimit, too_large_message
 from gradcam.serve.models import ModelPool
-from gradcam.serve.render import GUIDED, METHODS, ImageView, check_method, describe
+from gradcam.serve.render import GUIDED, METHODS, SLOW, ImageView, check_method, describe, prepare
 from gradcam.serve.schemas import (
     Compared,
     Explained,
@@ -44,6 +44,8 @@ from gradcam.serve.schemas import (
 )
 
 STATIC = Path(__file__).parent / "static"
+#: Most classes one request may name (as many as ``topk`` allows).
+MAX_TARGETS = 10
 
 
 @dataclass
@@ -59,6 +61,7 @@ class ServeSettings:
     study_images: Path | None = None
     workers: int = 2
     max_batch: int = 16
+    slow_methods: bool = False  # offer Score-CAM and Ablation-CAM (minutes per image on a CPU)
     loader: object = None  # a models.load stand-in (tests serve random-weight models)
 
 
@@ -77,8 +80,8 @@ ImageField = Annotated[
 ]
 TargetField = Annotated[
     list[str] | None,
-    Form(description="Class to explain: an index or a class name (any case); repeat for several. "
-         "None: the `topk` best classes."),
+    Form(description="Class to explain: an index or a class name (any case); repeat for several (at most "
+         "10). None: the `topk` best classes."),
 ]  # fmt: skip
 TopkField = Annotated[
     int, Form(ge=1, le=10, description="Explain the k best classes when no target is sent.")
@@ -187,7 +190,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     @app.get(
         "/v1/models/{model}/labels",
         response_model=Labels,
-        responses={404: {"model": Problem}},
+        responses={404: {"model": Problem}, 422: {"model": Problem}},
         tags=["service"],
     )
     async def labels(model: str) -> dict:
@@ -201,32 +204,40 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     @app.get("/v1/methods", response_model=Methods, tags=["service"])
     async def list_methods() -> dict:
         """The explanation methods."""
-        return {"methods": [MethodInfo(name=m, description=describe(m), guided=m in GUIDED) for m in METHODS]}
+        return {"methods": [MethodInfo(name=m, description=describe(m), guided=m in GUIDED) for m in offered]}
 
-    async def read_image(image: UploadFile) -> tuple:  # type: ignore[type-arg]
+    offered = [m for m in METHODS if settings.slow_methods or m not in SLOW]
+    # Decoding holds a full-size picture; only this many at once (the batcher then holds small tensors).
+    decoding = asyncio.Semaphore(max(2, 2 * settings.workers))
+
+    def check_request(model: str, method: str, target: list[str] | None) -> list[int]:
+        """Checks that need no image, made before the upload is decoded: the target class ids."""
+        pool.check(model)
+        check_method(method, offered)
+        if len(target or []) > MAX_TARGETS:
+            raise GradCAMError(f"field 'target': at most {MAX_TARGETS} classes per request")
+        labels = pool.get(model).labels
+        return [targets.parse_class(spec, labels) for spec in target or []]
+
+    async def read_image(image: UploadFile, for_models: list[str]) -> tuple[tuple[int, int], dict]:
+        """Decode the upload and prepare it for each model; the full-size picture is dropped here."""
         data = await image.read()
         # The name is only shown back in messages: never a path.
         name = "image" if not image.filename else f"image '{image.filename[:80]}'"
-        picture = await run_in_threadpool(io.decode_image, data, name, max_pixels=settings.max_pixels)
-        return picture, picture.size
+
+        def decode_and_prepare() -> tuple[tuple[int, int], dict]:
+            picture = io.decode_image(data, name, max_pixels=settings.max_pixels)
+            return picture.size, {m: prepare(pool.get(m), picture) for m in dict.fromkeys(for_models)}
+
+        async with decoding:
+            return await run_in_threadpool(decode_and_prepare)
 
     async def explain_one(
-        picture,
-        size,
-        model: str,
-        method: str,
-        target: list[str] | None,
-        topk: int,
-        layer: str | None,
-        raw: bool,
+        prepared, size, model: str, method: str, wanted: list[int], topk: int, layer: str | None, raw: bool
     ) -> dict:  # type: ignore[no-untyped-def]
         started = time.perf_counter()
-        pool.check(model)
-        check_method(method)
-        labels = pool.get(model).labels
-        wanted = [targets.parse_class(spec, labels) for spec in target or []]
         batcher: Batcher = app.state.batcher
-        view = await batcher.explain(model, method, picture, wanted, topk=topk, layer=layer or None)
+        view = await batcher.explain(model, method, prepared, wanted, topk=topk, layer=layer or None)
         return await run_in_threadpool(_body, view, size, raw, time.perf_counter() - started)
 
     @app.post("/v1/explain", response_model=Explained, responses=ERRORS, tags=["explain"])
@@ -244,8 +255,10 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         raw: RawField = False,
     ) -> dict:
         """Explain one image: the top-5 predictions and, per target class, the map and overlay as PNG."""
-        picture, size = await read_image(image)
-        return await explain_one(picture, size, model or pool.default, method, target, topk, layer, raw)
+        model = model or pool.default
+        wanted = check_request(model, method, target)
+        size, prepared = await read_image(image, [model])
+        return await explain_one(prepared[model], size, model, method, wanted, topk, layer, raw)
 
     @app.post("/v1/compare", response_model=Compared, responses=ERRORS, tags=["explain"])
     async def compare(
@@ -270,12 +283,13 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
             (chosen_models[min(i, len(chosen_models) - 1)], chosen_methods[min(i, len(chosen_methods) - 1)])
             for i in range(2)
         ]
-        for name, chosen in pairs:
-            pool.check(name)
-            check_method(chosen)
-        picture, size = await read_image(image)
+        wanted = [check_request(m, meth, target) for m, meth in pairs]
+        size, prepared = await read_image(image, chosen_models)
         left, right = await asyncio.gather(
-            *(explain_one(picture, size, m, meth, target, topk, layer, raw) for m, meth in pairs)
+            *(
+                explain_one(prepared[m], size, m, meth, ids, topk, layer, raw)
+                for (m, meth), ids in zip(pairs, wanted, strict=True)
+            )
         )
         return {"left": left, "right": right}
 
@@ -319,6 +333,12 @@ def _handlers(app: FastAPI, settings: ServeSettings) -> None:
     @app.exception_handler(Overloaded)
     async def overloaded(request: Request, error: Overloaded) -> JSONResponse:
         return _problem(503, str(error), {"Retry-After": "1"})
+
+    @app.exception_handler(RuntimeError)
+    async def model_failure(request: Request, error: RuntimeError) -> JSONResponse:
+        # The model's own code failed on this input: a server-side failure, still one line of JSON.
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        return _problem(500, f"the model failed on this request ({first})")
 
     @app.exception_handler(GradCAMError)
     async def caller_error(request: Request, error: GradCAMError) -> JSONResponse:

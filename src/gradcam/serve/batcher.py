@@ -11,14 +11,13 @@ queues and awaits: all the work runs in the bounded thread pool.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
-from PIL import Image
-
 from gradcam.errors import GradCAMError
 from gradcam.serve.models import ModelPool
-from gradcam.serve.render import Computed, ImageView, compute, draw, prepare
+from gradcam.serve.render import Computed, ImageView, Prepared, compute, draw, stack
 
 
 class Overloaded(GradCAMError):
@@ -27,7 +26,7 @@ class Overloaded(GradCAMError):
 
 @dataclass
 class _Job:
-    image: Image.Image
+    prepared: Prepared
     targets: list[int]
     future: asyncio.Future = field(repr=False)
 
@@ -53,16 +52,17 @@ class Batcher:
         self._running: set[_Key] = set()
         self._waiting = 0
         self._drawing: set[asyncio.Future] = set()
-        self.batches: list[int] = []  # sizes of the batches run (for tests and the load benchmark)
+        self.batches: deque[int] = deque(maxlen=1000)  # sizes of the latest batches run (for tests)
 
     async def explain(
-        self, model: str, method: str, image: Image.Image, targets: list[int], *, topk: int, layer: str | None
+        self, model: str, method: str, prepared: Prepared, targets: list[int], *, topk: int, layer: str | None
     ) -> ImageView:
-        """Explain one image; resolves when its batch has run."""
+        """Explain one prepared image (:func:`gradcam.serve.render.prepare` for ``model``); resolves when
+        its batch has run."""
         if self._waiting >= self.max_waiting:
             raise Overloaded(f"the server is busy ({self._waiting} images waiting); try again shortly")
         key = _Key(model, method, layer, topk)
-        job = _Job(image, targets, asyncio.get_running_loop().create_future())
+        job = _Job(prepared, targets, asyncio.get_running_loop().create_future())
         self._queues.setdefault(key, []).append(job)
         self._waiting += 1
         if key not in self._running:
@@ -106,7 +106,7 @@ class Batcher:
 
     def _compute(self, key: _Key, jobs: list[_Job]) -> Computed:
         loaded = self.pool.get(key.model)
-        batch = prepare(loaded, [j.image for j in jobs])
+        batch = stack(loaded, [j.prepared for j in jobs])
         with self.pool.lock(key.model):  # only the model work holds the model
             computed = compute(
                 loaded, key.method, batch, [j.targets for j in jobs], topk=key.topk, layer=key.layer
@@ -115,7 +115,7 @@ class Batcher:
         return computed
 
     def _pictures(self, key: _Key, jobs: list[_Job], computed: Computed) -> list[ImageView]:
-        return draw(self.pool.get(key.model), [j.image for j in jobs], computed)
+        return draw(self.pool.get(key.model), [j.prepared.picture for j in jobs], computed)
 
 
 def _settle(jobs: list[_Job], outcomes: list) -> None:  # type: ignore[type-arg]

@@ -40,7 +40,8 @@ class ModelPool:
     def check(self, name: str) -> str:
         """``name`` when it is served, else a GradCAMError listing the served models."""
         if name not in self._locks:
-            raise GradCAMError(f"model '{name}' is not served here; choose from {', '.join(self.names)}")
+            shown = name if len(name) <= 60 else name[:60] + "..."
+            raise GradCAMError(f"model '{shown}' is not served here; choose from {', '.join(self.names)}")
         return name
 
     def get(self, name: str) -> LoadedModel:

@@ -26,8 +26,11 @@ from gradcam.metrics.scoring import model_device
 from gradcam.models import LoadedModel
 
 GUIDED = ("guided-backprop", "guided-gradcam")
-#: Every method the service offers.
+#: Every method the service can offer.
 METHODS: list[str] = methods.names() + list(GUIDED)
+#: Methods that run the network once per channel of the layer (about 1,300 forwards per class on
+#: EfficientNet-Lite0, minutes on a CPU): a server offers them only when told to (``--slow-methods``).
+SLOW = ("scorecam", "ablationcam")
 
 
 @dataclass
@@ -65,10 +68,12 @@ def describe(method: str) -> str:
     return methods.describe(method)
 
 
-def check_method(method: str) -> str:
-    """``method`` when the service offers it, else a GradCAMError listing the choices."""
-    if method not in METHODS:
-        raise GradCAMError(f"method '{method}' not found; choose from {', '.join(METHODS)}")
+def check_method(method: str, offered: Sequence[str] = METHODS) -> str:
+    """``method`` when it is ``offered``, else a GradCAMError listing the choices."""
+    if method not in offered:
+        shown = method if len(method) <= 60 else method[:60] + "..."
+        hint = " (enabled with --slow-methods)" if method in SLOW else ""
+        raise GradCAMError(f"method '{shown}' not offered{hint}; choose from {', '.join(offered)}")
     return method
 
 
@@ -128,9 +133,23 @@ class Computed:
     guided: torch.Tensor | None  # (N,B,C,H,W) for the guided views
 
 
-def prepare(loaded: LoadedModel, images: Sequence[Image.Image]) -> torch.Tensor:
-    """The model's input batch for ``images`` (no model work: no lock needed)."""
-    return torch.stack([loaded.preprocess(image) for image in images]).to(model_device(loaded.module))
+@dataclass
+class Prepared:
+    """One image as a model needs it: its input tensor and the frame picture its maps are drawn on (at
+    most ``display_size`` a side). The image itself can be dropped once this is made."""
+
+    tensor: torch.Tensor
+    picture: Image.Image
+
+
+def prepare(loaded: LoadedModel, image: Image.Image, *, display_size: int = 512) -> Prepared:
+    """Preprocess one image for ``loaded`` (no model work: no lock needed)."""
+    return Prepared(loaded.preprocess(image), _display(loaded.preprocess.frame(image), display_size))
+
+
+def stack(loaded: LoadedModel, prepared: Sequence[Prepared]) -> torch.Tensor:
+    """The model's input batch of prepared images, on the model's device."""
+    return torch.stack([p.tensor for p in prepared]).to(model_device(loaded.module))
 
 
 def compute(
@@ -164,17 +183,15 @@ def compute(
     return Computed(method, explanation, wanted, guided)
 
 
-def draw(
-    loaded: LoadedModel, images: Sequence[Image.Image], computed: Computed, *, display_size: int = 512
-) -> list[ImageView]:
-    """The pictures and numbers of a computed batch (no model work: run it outside the lock)."""
+def draw(loaded: LoadedModel, pictures: Sequence[Image.Image], computed: Computed) -> list[ImageView]:
+    """The pictures and numbers of a computed batch, drawn on each image's prepared ``picture`` (no model
+    work: run it outside the lock)."""
     explanation, guided, method = computed.explanation, computed.guided, computed.method
     probabilities = explanation.logits.softmax(dim=1)
     top_p, top_i = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
     cam_view = method != "guided-backprop"
     views = []
-    for row, image in enumerate(images):
-        picture = _display(loaded.preprocess.frame(image), display_size)
+    for row, picture in enumerate(pictures):
         shown = []
         for n, index in enumerate(computed.wanted[row]):
             saliency = explanation.maps[n, row]
@@ -217,5 +234,6 @@ def render(
     check_method(method)
     if not images:
         return []
-    computed = compute(loaded, method, prepare(loaded, images), targets, topk=topk, layer=layer)
-    return draw(loaded, images, computed, display_size=display_size)
+    prepared = [prepare(loaded, image, display_size=display_size) for image in images]
+    computed = compute(loaded, method, stack(loaded, prepared), targets, topk=topk, layer=layer)
+    return draw(loaded, [p.picture for p in prepared], computed)

@@ -106,6 +106,7 @@ def mean_interval(
         confidence_level=confidence,
         method="percentile",
         vectorized=True,
+        batch=500,  # resamples at a time: memory stays bounded however many ratings there are
         **{_RNG: np.random.default_rng(seed)},
     )
     low, high = result.confidence_interval

@@ -108,7 +108,8 @@ def _annotation_files(folder: Path) -> dict[str, Path]:
 def study_router(store: StudyStore, pool: ModelPool, admin_token: str, images_root: Path | None) -> APIRouter:
     """The study API over ``store``, rendering with ``pool``'s models; studies use folders under
     ``images_root`` (None: no study can be created over HTTP; ``gradcam study create`` still works)."""
-    router = APIRouter(tags=["study"])
+    # Validation errors come back as one line (the app's handler), not FastAPI's list: say so everywhere.
+    router = APIRouter(tags=["study"], responses={422: {"model": Problem, "description": "A bad field."}})
     expected = admin_token.encode()
 
     def require_admin(credentials: Credentials) -> None:

@@ -139,7 +139,7 @@ class RatingIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rater: Token
-    pair: Annotated[int, Field(strict=True, ge=0)]
+    pair: Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]  # a SQL BIGINT
     answer: Annotated[int, Field(strict=True, ge=-2, le=2, description="+2 .. -2, see `scale`.")]
 
 
