@@ -505,8 +505,7 @@ def test_pages_are_valid_html_and_self_contained(page: str, script: str, ids: se
     )
     tree = parser.parse(text)  # raises on any HTML5 parse error
     assert ids <= {e.get("data-testid") for e in tree.iter() if e.get("data-testid")}
-    assert [e.get("src") for e in tree.iter("script")] == [
-        f"../{'../' * (page == 'results.html')}static/{script}"
-    ]
-    for name in (page, script):  # no external URLs: the machine serving it may have no network
+    static = f"../{'../' * (page == 'results.html')}static/"
+    assert [e.get("src") for e in tree.iter("script")] == [f"{static}studypage.js", f"{static}{script}"]
+    for name in (page, "studypage.js", script):  # no external URLs: the server may have no network
         assert not re.search(r"https?://", (STATIC / name).read_text(encoding="utf-8"))

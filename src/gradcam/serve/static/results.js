@@ -5,14 +5,9 @@
 "use strict";
 
 (() => {
-  const path = window.location.pathname;
-  const at = path.lastIndexOf("/studies/");
-  const prefix = at >= 0 ? path.slice(0, at) : "";
-  const studyId = at >= 0 ? decodeURIComponent(path.slice(at + "/studies/".length).split("/")[0]) : "";
-  const api = `${prefix}/v1/studies/${encodeURIComponent(studyId)}`;
+  const { studyId, api, byTestId, storage, ApiError } = window.gradcamStudyPage;
   const tokenKey = "gradcam-admin-token";
 
-  const byTestId = (id) => document.querySelector(`[data-testid="${id}"]`);
   const el = {
     name: byTestId("study-name"),
     models: byTestId("models"),
@@ -27,37 +22,8 @@
     forget: byTestId("forget-token"),
   };
 
-  const session = {
-    get() {
-      try {
-        return window.sessionStorage.getItem(tokenKey);
-      } catch {
-        return null;
-      }
-    },
-    set(value) {
-      try {
-        window.sessionStorage.setItem(tokenKey, value);
-      } catch {
-        /* not kept: asked again after a reload */
-      }
-    },
-    forget() {
-      try {
-        window.sessionStorage.removeItem(tokenKey);
-      } catch {
-        /* nothing kept */
-      }
-    },
-  };
+  const session = storage("sessionStorage", tokenKey); // asked again after a reload if not kept
   let token = session.get();
-
-  class ApiError extends Error {
-    constructor(status, detail) {
-      super(detail);
-      this.status = status;
-    }
-  }
 
   async function fetchWithToken(url) {
     let response;

@@ -5,14 +5,9 @@
 "use strict";
 
 (() => {
-  const path = window.location.pathname;
-  const at = path.lastIndexOf("/studies/");
-  const prefix = at >= 0 ? path.slice(0, at) : "";
-  const studyId = at >= 0 ? decodeURIComponent(path.slice(at + "/studies/".length).split("/")[0]) : "";
-  const api = `${prefix}/v1/studies/${encodeURIComponent(studyId)}`;
+  const { studyId, api, byTestId, storage, ApiError } = window.gradcamStudyPage;
   const storageKey = `gradcam-study-rater:${studyId}`;
 
-  const byTestId = (id) => document.querySelector(`[data-testid="${id}"]`);
   const el = {
     name: byTestId("study-name"),
     loading: byTestId("loading"),
@@ -33,37 +28,7 @@
   let current = null; // the pair on screen: {pair, ...}
   let busy = false;
 
-  // localStorage can be unavailable (private windows, disabled storage): then the id lives in memory.
-  const store = {
-    get() {
-      try {
-        return window.localStorage.getItem(storageKey);
-      } catch {
-        return null;
-      }
-    },
-    set(value) {
-      try {
-        window.localStorage.setItem(storageKey, value);
-      } catch {
-        /* kept in memory only */
-      }
-    },
-    forget() {
-      try {
-        window.localStorage.removeItem(storageKey);
-      } catch {
-        /* nothing stored */
-      }
-    },
-  };
-
-  class ApiError extends Error {
-    constructor(status, detail) {
-      super(detail);
-      this.status = status;
-    }
-  }
+  const store = storage("localStorage", storageKey); // the rater id; in memory only if unavailable
 
   async function call(method, url, body) {
     const options = { method, headers: { Accept: "application/json" } };

@@ -9,6 +9,7 @@ paths; a study's folder is chosen by name from the listing of the server's image
 from __future__ import annotations
 
 import base64
+import dataclasses
 import secrets
 from pathlib import Path
 from typing import Annotated
@@ -65,18 +66,7 @@ NO_STUDY = {404: _problem("Unknown study.")}
 def admin_view(study: Study) -> StudyAdmin:
     """The admin's view of a stored study."""
     return StudyAdmin(
-        id=study.id,
-        name=study.name,
-        stronger_model=study.stronger_model,
-        weaker_model=study.weaker_model,
-        methods=study.methods,
-        folder=study.folder,
-        annotations=study.annotations,
-        seed=study.seed,
-        created=study.created,
-        pairs=study.pairs,
-        raters=study.raters,
-        ratings=study.ratings,
+        **dataclasses.asdict(study),
         rater_path=f"/studies/{study.id}",
         results_path=f"/studies/{study.id}/results",
     )
