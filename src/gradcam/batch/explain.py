@@ -56,6 +56,13 @@ def wanted_targets(
     return wanted
 
 
+def target_grid(wanted: list[list[int]]) -> torch.Tensor:
+    """Per-image class lists as an (N,B) grid of class ids; an image with fewer classes repeats its last
+    one (that row is not written twice)."""
+    rows = max(len(w) for w in wanted)
+    return torch.tensor([[w[min(n, len(w) - 1)] for w in wanted] for n in range(rows)])
+
+
 def explain_batch(
     explainer: Explainer, batch: torch.Tensor, targets: Sequence[int], topk: int
 ) -> BatchResult:
@@ -65,8 +72,7 @@ def explain_batch(
     probabilities = first.logits.softmax(dim=1)
     top_probs, top_ids = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
     per_image = wanted_targets(first.logits, first.targets, targets, topk)
-    rows = max(len(wanted) for wanted in per_image)
-    ids = torch.tensor([[wanted[min(n, len(wanted) - 1)] for wanted in per_image] for n in range(rows)])
+    ids = target_grid(per_image)
     many = first if ids.tolist() == [first.targets.tolist()] else explainer(batch, ids.to(batch.device))
     top5 = [
         [(int(i), float(p)) for p, i in zip(top_probs[row], top_ids[row], strict=True)]

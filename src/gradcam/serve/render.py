@@ -18,6 +18,7 @@ from PIL import Image
 from torch import nn
 
 from gradcam import methods, viz
+from gradcam.batch.explain import target_grid
 from gradcam.errors import GradCAMError
 from gradcam.explanation import Explanation
 from gradcam.methods import CAM
@@ -90,12 +91,6 @@ def _cam(module: nn.Module, method: str, layer: str | None) -> CAM:
     return cached[key]
 
 
-def _grid(wanted: list[list[int]]) -> torch.Tensor:
-    """Per-image class lists as an (N,B) grid; a shorter list repeats its last class (not returned)."""
-    rows = max(len(w) for w in wanted)
-    return torch.tensor([[w[min(n, len(w) - 1)] for w in wanted] for n in range(rows)])
-
-
 def _explain(
     cam: CAM, batch: torch.Tensor, targets: Sequence[Sequence[int]], topk: int
 ) -> tuple[Explanation, list[list[int]]]:
@@ -103,11 +98,11 @@ def _explain(
     its classes or all want their top-1; otherwise a top-1 call first (its logits rank the classes)."""
     if all(targets):
         wanted = [list(dict.fromkeys(t)) for t in targets]
-        return cam(batch, _grid(wanted).to(batch.device)), wanted
+        return cam(batch, target_grid(wanted).to(batch.device)), wanted
     first = cam(batch)
     ranking = first.logits.argsort(dim=1, descending=True)
     wanted = [list(dict.fromkeys(t)) or ranking[row, :topk].tolist() for row, t in enumerate(targets)]
-    ids = _grid(wanted)
+    ids = target_grid(wanted)
     if ids.tolist() == [first.targets.tolist()]:
         return Explanation(
             first.raw[None], first.targets[None], first.scores[None], first.probs[None], first.layer,
