@@ -71,8 +71,10 @@ def serve(
 
     chosen = model or [models.DEFAULT]
     for name in chosen:
-        if name not in models.names():
-            raise fail(f"--model '{name}' not found; see `gradcam models`")
+        try:
+            models.check(name)
+        except GradCAMError as error:  # its message starts with "model '<name>'"
+            raise fail(f"--{error}") from None
     if study_images is not None and not study_images.is_dir():
         raise fail(f"--study-images {study_images}: not a folder")
     parse_device(device)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -13,16 +14,33 @@ from gradcam.errors import GradCAMError
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load a state dict with ``weights_only=True`` (no code runs from the file).
+    """Load a state dict without running code from the file.
 
-    Accepts a bare state dict or one wrapped as ``{"state_dict": ...}`` / ``{"model": ...}``, and
-    strips the ``module.`` prefix that DataParallel and DistributedDataParallel add.
+    ``.safetensors`` files are read with safetensors (tensors only by design), anything else with
+    ``torch.load(weights_only=True)``. Accepts a bare state dict or one wrapped as
+    ``{"state_dict": ...}`` / ``{"model": ...}``, and strips the ``module.`` prefix that DataParallel
+    and DistributedDataParallel add.
     """
     file = Path(path)
     if not file.is_file():
         raise GradCAMError(f"weights file {file}: no such file")
+    state = _read_safetensors(file) if file.suffix == ".safetensors" else _read_pickle(file)
+    for key in ("state_dict", "model_state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise GradCAMError(f"weights file {file}: expected a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
+
+
+def _read_pickle(file: Path) -> object:
+    """``torch.load(weights_only=True)`` with one-line errors."""
+    if not _looks_like_torch_save(file):  # else pickle reads text as opcodes and blames "objects"
+        raise GradCAMError(f"weights file {file}: not a PyTorch state dict file")
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "Weights only load failed" in str(error):
             raise GradCAMError(
@@ -32,14 +50,29 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise GradCAMError(f"weights file {file}: not a PyTorch state dict file") from None
     except Exception:  # torch raises many types for a corrupt file; all mean the same here
         raise GradCAMError(f"weights file {file}: not a PyTorch state dict file") from None
-    for key in ("state_dict", "model_state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise GradCAMError(f"weights file {file}: expected a state dict of tensors")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module.") :]: v for k, v in state.items()}
-    return state
+
+
+def _looks_like_torch_save(file: Path) -> bool:
+    """Whether ``file`` can be a ``torch.save`` file: a zip archive (torch >= 1.6) or the legacy format,
+    which starts with a pickle protocol 2+ header."""
+    if zipfile.is_zipfile(file):
+        return True
+    with file.open("rb") as handle:
+        return handle.read(1) == b"\x80"
+
+
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """A .safetensors file's tensors, on the CPU, with one-line errors."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise GradCAMError(
+            f"weights file {file}: reading .safetensors needs safetensors: pip install 'gradcam[zoo]'"
+        ) from None
+    try:
+        return load_file(file, device="cpu")
+    except Exception:  # SafetensorError, OSError, ...: all mean a file that is not valid safetensors
+        raise GradCAMError(f"weights file {file}: not a valid .safetensors file") from None
 
 
 def classifier_name(model: nn.Module, num_classes: int) -> str:
