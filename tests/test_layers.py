@@ -74,7 +74,7 @@ def test_layer_errors_name_the_layer_and_what_was_expected() -> None:
     x = torch.randn(1, 3, 6, 6)
     with pytest.raises(ValueError, match=r"layer 'layer5' not found; candidates.*fc"):
         gradcam.GradCAM(model, "layer5")
-    with pytest.raises(ValueError, match=r"layer 'fc' outputs shape \(1, 3\); expected a 4-D tensor"):
+    with pytest.raises(ValueError, match=r"layer 'fc' outputs shape \(1, 3\): expected \(B,C,h,w\)"):
         gradcam.GradCAM(model, "fc")(x)
     with pytest.raises(ValueError, match="not a submodule"):
         gradcam.GradCAM(model, nn.Conv2d(1, 1, 1))

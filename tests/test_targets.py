@@ -75,7 +75,8 @@ def test_model_must_return_logits() -> None:
         def forward(self, x):
             return {"out": super().forward(x)}
 
-    with pytest.raises(ValueError, match=r"model must return logits of shape \(1, classes\), got dict"):
+    refused = r"model returned dict with keys out; expected logits \(B, classes\)"
+    with pytest.raises(ValueError, match=refused):
         gradcam.GradCAM(Dict().eval(), "conv")(torch.randn(1, 3, 6, 6))
 
 

@@ -15,8 +15,10 @@ from gradcam.explanation import Explanation
 from gradcam.layers import LayerInfo, find_layer, list_layers
 from gradcam.methods import (
     AblationCAM,
+    AttentionRollout,
     EigenCAM,
     EigenGradCAM,
+    GenericAttention,
     GradCAM,
     GradCAMPlusPlus,
     GuidedBackprop,
@@ -32,9 +34,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AblationCAM",
+    "AttentionRollout",
     "EigenCAM",
     "EigenGradCAM",
     "Explanation",
+    "GenericAttention",
     "GradCAM",
     "GradCAMPlusPlus",
     "GradCAMError",

@@ -84,11 +84,10 @@ class Capture:
 
 
 def _check_activation(name: str, output: object) -> torch.Tensor:
-    if not isinstance(output, torch.Tensor):
-        raise GradCAMError(f"layer '{name}' returns {type(output).__name__}; expected a 4-D tensor (B,C,h,w)")
-    if output.dim() != 4:
+    if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+        got = type(output).__name__ if not isinstance(output, torch.Tensor) else f"a {output.dtype} tensor"
         raise GradCAMError(
-            f"layer '{name}' outputs shape {tuple(output.shape)}; expected a 4-D tensor (B,C,h,w)"
+            f"layer '{name}' returns {got}; expected a float tensor ((B,C,h,w), (B,h,w,C) or tokens (B,N,D))"
         )
     return output
 

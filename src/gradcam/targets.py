@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import numbers
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -13,6 +13,34 @@ import torch
 from gradcam.errors import GradCAMError
 
 TargetSpec = int | Sequence[int] | torch.Tensor | None
+
+
+def model_logits(output: object, batch: int | None = None) -> torch.Tensor:
+    """The logits (B, classes) in a model's output, by one rule.
+
+    The output itself when it is a tensor; else its ``logits``: the ``"logits"`` entry of a mapping or
+    the ``.logits`` attribute of an object (a Hugging Face ``ModelOutput`` is both); else the first
+    element of a tuple or list. Anything else, or logits that are not (B, classes), is refused with one
+    line saying what came back.
+    """
+    found = output
+    if not isinstance(found, torch.Tensor):
+        if isinstance(found, Mapping) and "logits" in found:
+            found = found["logits"]
+        elif isinstance(getattr(found, "logits", None), torch.Tensor):
+            found = found.logits
+        elif isinstance(found, (tuple, list)) and found and isinstance(found[0], torch.Tensor):
+            found = found[0]
+    if not isinstance(found, torch.Tensor):
+        keys = f" with keys {', '.join(map(str, list(output)[:5]))}" if isinstance(output, Mapping) else ""
+        raise GradCAMError(
+            f"model returned {type(output).__name__}{keys}; expected logits (B, classes): a tensor, a "
+            "mapping or object with 'logits', or a tuple whose first element is the logits"
+        )
+    expected = f"({batch}, classes)" if batch is not None else "(B, classes)"
+    if found.dim() != 2 or (batch is not None and found.shape[0] != batch):
+        raise GradCAMError(f"model must return logits of shape {expected}, got {tuple(found.shape)}")
+    return found
 
 
 def resolve(logits: torch.Tensor, targets: TargetSpec) -> torch.Tensor:

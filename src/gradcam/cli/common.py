@@ -27,6 +27,13 @@ WeightsOption = Annotated[
 LabelsOption = Annotated[Path | None, typer.Option(help="Class names, one per line.")]
 RandomOption = Annotated[bool, typer.Option("--random-weights", help="Random weights (no download).")]
 DeviceOption = Annotated[str, typer.Option(help="cpu or cuda.")]
+LayoutOption = Annotated[
+    str | None,
+    typer.Option(
+        help="How the layer's output reads as a map when it cannot be told from the model: "
+        "channels-first, channels-last, tokens or tokens:HxW+PREFIX (e.g. tokens:14x14+1)."
+    ),
+]
 
 
 def fail(message: str, code: int = 2) -> typer.Exit:

@@ -23,6 +23,7 @@ from gradcam.batch.writer import MAP_FORMATS
 from gradcam.cli.common import (
     DeviceOption,
     LabelsOption,
+    LayoutOption,
     ModelOption,
     RandomOption,
     WeightsOption,
@@ -36,7 +37,7 @@ from gradcam.cli.common import (
 )
 from gradcam.cli.stream import stream, streams
 from gradcam.errors import GradCAMError, ImageLoadError
-from gradcam.layers import choose_layer, list_layers
+from gradcam.layers import LayerInfo, choose_layer, list_layers
 from gradcam.methods import GuidedBackprop
 from gradcam.outputs import slug, unique_stems, write_explanation
 from gradcam.targets import parse_class
@@ -148,6 +149,7 @@ def explain(
         list[str] | None,
         typer.Option(help="Layer to explain (default: automatic); repeat for a fused multi-layer map."),
     ] = None,
+    layout: LayoutOption = None,
     target: Annotated[list[str] | None, typer.Option(help="Class index or name; repeat for several.")] = None,
     topk: Annotated[int, typer.Option(min=0, help="Explain each image's K best classes.")] = 0,
     counterfactual: Annotated[bool, typer.Option(help="Regions that speak against the class.")] = False,
@@ -206,7 +208,9 @@ def explain(
         wanted = [parse_class(spec, loaded.labels) for spec in target or []]
         method_class = methods.get(method)
         chosen = layer[0] if layer and len(layer) == 1 else (layer or None)
-        options = {"counterfactual": True} if counterfactual else {}
+        options: dict[str, object] = {"counterfactual": True} if counterfactual else {}
+        if layout is not None:
+            options["layout"] = layout
         explainer = Explainer(
             method_class(loaded.module, chosen, **options), aug_smooth, eigen_smooth, guided
         )
@@ -220,6 +224,7 @@ def explain(
             "random_weights": random_weights,
             "method": method,
             "layer": list(layer or []),
+            "layout": layout,
             "target": list(target or []),
             "topk": topk,
             "counterfactual": counterfactual,
@@ -313,9 +318,12 @@ def layers_command(
     weights: WeightsOption = None,
     labels: LabelsOption = None,
     random_weights: RandomOption = False,
-    all_layers: Annotated[bool, typer.Option("--all", help="List every module, not only 4-D ones.")] = False,
+    all_layers: Annotated[
+        bool, typer.Option("--all", help="List every module, not only those that read as a feature map.")
+    ] = False,
 ) -> None:
-    """List the model's layers in execution order with output shapes; the automatic choice is marked."""
+    """List the model's layers in execution order with output shapes and layouts (channels-first,
+    channels-last, tokens with prefix and patch grid); the automatic choice is marked."""
     try:
         loaded = load_model(model, weights, labels, random_weights)
         dummy = torch.zeros(1, 3, *loaded.input_size)
@@ -326,24 +334,25 @@ def layers_command(
     table = Table(
         title=f"{loaded.name}: layers in execution order (input 1x3x{dummy.shape[2]}x{dummy.shape[3]})"
     )
-    for column in ("#", "layer", "type", "output shape", "calls", "note"):
+    for column in ("#", "layer", "type", "output shape", "layout", "calls", "note"):
         table.add_column(column, overflow="fold")
     for number, info in enumerate(infos):
-        shape = info.output_shape
-        if not all_layers and (shape is None or len(shape) != 4):
+        if not all_layers and info.layout is None:
             continue
-        if info.name == chosen:
-            note = "← automatic choice"
-        elif info.calls > 1:
-            note = f"shared: runs {info.calls}x, not usable"
-        elif info.is_candidate:
-            note = "candidate"
-        else:
-            note = ""
-        table.add_row(
-            str(number), info.name, info.kind, "x".join(map(str, shape or ())) or "-", str(info.calls), note
-        )
+        shape = "x".join(map(str, info.output_shape or ())) or "-"
+        note = _layer_note(info, chosen)
+        table.add_row(str(number), info.name, info.kind, shape, info.layout or "-", str(info.calls), note)
     stdout.print(table)
+
+
+def _layer_note(info: LayerInfo, chosen: str) -> str:
+    if info.name == chosen:
+        return "← automatic choice"
+    if info.calls > 1:
+        return f"shared: runs {info.calls}x, not usable"
+    if info.is_candidate:
+        return "candidate, feeds attention" if info.attention_input else "candidate"
+    return escape(info.reason or "")
 
 
 @app.command("methods")
@@ -359,7 +368,8 @@ def methods_command() -> None:
 
 @app.command("models")
 def models_command() -> None:
-    """List the models `--model` accepts and whether their pretrained weights are at hand."""
+    """List the models `--model` accepts and whether their pretrained weights are at hand; timm:<name> and
+    hf:<folder|repo id> are accepted too (zoo extra)."""
     table = Table(title="Models")
     for column in ("name", "source", "pretrained weights"):
         table.add_column(column)
@@ -370,3 +380,4 @@ def models_command() -> None:
             "available" if entry.pretrained_available else "missing (use --random-weights)",
         )
     stdout.print(table)
+    stdout.print(escape(models.zoo_note()))

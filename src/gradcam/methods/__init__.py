@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gradcam.errors import GradCAMError
+from gradcam.methods.attention import AttentionRollout, GenericAttention
 from gradcam.methods.base import CAM, MapContext
 from gradcam.methods.baseline import RandomCAM
 from gradcam.methods.eigen import EigenCAM, EigenGradCAM
@@ -21,6 +22,8 @@ _REGISTRY: dict[str, type[CAM]] = {
     "eigencam": EigenCAM,
     "eigengradcam": EigenGradCAM,
     "randomcam": RandomCAM,
+    "rollout": AttentionRollout,
+    "chefer": GenericAttention,
 }
 
 
@@ -44,10 +47,12 @@ def get(name: str) -> type[CAM]:
 
 __all__ = [
     "AblationCAM",
+    "AttentionRollout",
     "CAM",
     "EigenCAM",
     "EigenGradCAM",
     "GradCAM",
+    "GenericAttention",
     "GradCAMPlusPlus",
     "GuidedBackprop",
     "GuidedGradCAM",

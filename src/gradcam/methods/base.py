@@ -9,18 +9,21 @@ whose map is not a weighted sum of channels.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from gradcam import layers as _layers
+from gradcam import layouts
+from gradcam.attention import attention_modules, inside_attention
 from gradcam.capture import capture, eval_mode, resolve_module
 from gradcam.errors import GradCAMError
 from gradcam.explanation import Explanation, upsample
+from gradcam.layouts import Layout, LayoutSpec
 from gradcam.methods.pca import first_component
-from gradcam.targets import TargetSpec, resolve
+from gradcam.targets import TargetSpec, model_logits, resolve
 
 LayerSpec = str | nn.Module | None
 LayersSpec = LayerSpec | Sequence[str | nn.Module]
@@ -57,15 +60,13 @@ def _check_not_inference(model: nn.Module) -> None:
 
 
 def _check_logits(output: object, batch: int) -> torch.Tensor:
-    if not isinstance(output, torch.Tensor) or output.dim() != 2 or output.shape[0] != batch:
-        got = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
-        raise GradCAMError(f"model must return logits of shape ({batch}, classes), got {got}")
-    return output
+    return model_logits(output, batch)
 
 
 @dataclass(frozen=True)
 class MapContext:
-    """What a method may need beyond A and G: the model, the batch and the explained classes."""
+    """What a method may need beyond A and G: the model, the batch and the explained classes; the
+    layer's layout and its output as the layer produced it (methods that feed it back into the model)."""
 
     model: nn.Module
     inputs: torch.Tensor
@@ -73,6 +74,8 @@ class MapContext:
     logits: torch.Tensor
     layer: str
     module: nn.Module
+    layout: Layout = field(default_factory=Layout.channels_first)
+    output: torch.Tensor | None = None
 
 
 class CAM:
@@ -90,6 +93,12 @@ class CAM:
             per layer from a single forward and backward pass).
         counterfactual: use -dy^c/dA, highlighting regions that speak against the class (gradient
             methods only).
+        layout: how to read the layer's output as (B,C,h,w) when it cannot be decided from the model
+            (see :mod:`gradcam.layouts`): a :class:`~gradcam.layouts.Layout`, ``"channels-first"``,
+            ``"channels-last"``, ``"tokens"``, ``"tokens:14x14+1"`` (grid and prefix tokens), or a
+            callable (B, ...) -> (B,C,h,w) like pytorch-grad-cam's ``reshape_transform``, applied to
+            the activations and, identically, to their gradients. One for all layers, or a list with one
+            per layer. None (default): decided from the model and the input, or refused in one line.
     """
 
     method = "cam"
@@ -97,7 +106,14 @@ class CAM:
     #: False for methods whose map ignores the class (Eigen-CAM): computed once for all targets.
     class_specific = True
 
-    def __init__(self, model: nn.Module, layer: LayersSpec = None, *, counterfactual: bool = False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayersSpec = None,
+        *,
+        counterfactual: bool = False,
+        layout: LayoutSpec | Sequence[LayoutSpec] = None,
+    ) -> None:
         if not isinstance(model, nn.Module):
             raise GradCAMError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if counterfactual and not self.uses_gradients:
@@ -112,6 +128,9 @@ class CAM:
             raise GradCAMError("a layer list cannot contain None; name each layer")
         self._layers = [None if spec is None else resolve_module(model, spec) for spec in specs]
         self._auto: dict[tuple, tuple[str, nn.Module]] = {}
+        self._explicit_layouts = _layout_list(layout, len(specs))
+        self._facts: layouts.ModelFacts | None = None
+        self._attention: list[str] | None = None
 
     def channel_weights(self, activations: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
         """Channel weights alpha (..., K) from activations A (B,K,h,w) and gradients G (..., B,K,h,w).
@@ -132,6 +151,37 @@ class CAM:
         """The raw (..., h, w) map of one layer; by default ReLU(sum_k alpha_k A^k)."""
         weights = self.channel_weights(activations, gradients)
         return torch.relu(torch.einsum("...k,...khw->...hw", weights, activations))
+
+    def _layouts(
+        self,
+        layers: list[tuple[str, nn.Module]],
+        activations: list[torch.Tensor],
+        size: tuple[int, int],
+        batch: int,
+    ) -> list[Layout]:
+        """Each captured activation's layout (see :mod:`gradcam.layouts`), or a one-line refusal."""
+        if self._facts is None:
+            self._facts = layouts.model_facts(self.model)
+            self._attention = attention_modules(self.model)
+        found = []
+        explicit_layouts = self._explicit_layouts
+        for (name, module), activation, explicit in zip(layers, activations, explicit_layouts, strict=True):
+            shape = tuple(activation.shape)
+            if explicit is None or explicit.kind != layouts.CUSTOM:
+                _check_batch_axis(name, shape, batch)
+            found.append(
+                layouts.decide(
+                    self.model,
+                    name,
+                    module,
+                    shape,
+                    size,
+                    explicit=explicit,
+                    inside_attention=inside_attention(name, self._attention or []),
+                    facts=self._facts,
+                )
+            )
+        return found
 
     def _resolved_layers(self, inputs: torch.Tensor) -> list[tuple[str, nn.Module]]:
         if self._layers != [None]:
@@ -192,10 +242,11 @@ class CAM:
             x = inputs.detach().clone()
             with capture(self.model, layers) as (captured, run):
                 logits = _check_logits(run(x), batch)
+                activations = captured.activations
+                found = self._layouts(layers, activations, size, batch)
                 ids = _target_rows(logits.detach(), targets, topk)  # (N, B)
                 scores = logits.gather(1, ids.T).T
-                activations = captured.activations
-                raws = self._raw_maps(x, logits, ids, scores, activations, layers, eigen_smooth)
+                raws = self._raw_maps(x, logits, ids, scores, activations, layers, found, eigen_smooth)
             logits = logits.detach().float()
         single = not (isinstance(targets, str) or topk is not None or _is_2d(targets))
         probs = torch.softmax(logits, dim=1).gather(1, ids.T).T
@@ -220,18 +271,32 @@ class CAM:
         scores: torch.Tensor,
         activations: list[torch.Tensor],
         layers: list[tuple[str, nn.Module]],
+        found: list[Layout],
         eigen_smooth: bool,
     ) -> list[torch.Tensor]:
-        """(N, B, h, w) raw maps per layer, gradients taken in chunks of target rows."""
-        contexts = [MapContext(self.model, x, ids, logits.detach(), n, m) for n, m in layers]
-        detached = [a.detach() for a in activations]
+        """(N, B, h, w) raw maps per layer, gradients taken in chunks of target rows.
+
+        Gradients are taken with respect to each layer's output as the layer produced it, then read as
+        feature maps by the same re-indexing as the activations (an exact layout change, no arithmetic).
+        """
+        contexts = [
+            MapContext(self.model, x, ids, logits.detach(), n, m, layout, a.detach())
+            for (n, m), layout, a in zip(layers, found, activations, strict=True)
+        ]
+        detached = [layout.feature_map(a.detach()) for layout, a in zip(found, activations, strict=True)]
+        for (name, _), activation in zip(layers, detached, strict=True):
+            if activation.dim() != 4:
+                got = tuple(activation.shape)
+                raise GradCAMError(f"layer '{name}': its layout gives shape {got}, expected (B,C,h,w)")
         per_layer: list[list[torch.Tensor]] = [[] for _ in layers]
         for rows, grads in self._gradient_chunks(logits, ids, scores, activations, layers[0][0]):
             for index, (activation, grad, context) in enumerate(zip(detached, grads, contexts, strict=True)):
                 if self.uses_gradients and grad is None:
                     raise GradCAMError(_no_gradient(layers[index][0]))
-                if grad is not None and self.counterfactual:
-                    grad = -grad
+                if grad is not None:
+                    grad = context.layout.feature_map(grad, leading=1)
+                    if self.counterfactual:
+                        grad = -grad
                 per_layer[index].append(self._chunk_map(activation, grad, context, rows, eigen_smooth))
         return [torch.cat(chunks).float() for chunks in per_layer]
 
@@ -318,6 +383,23 @@ class CAM:
 GRADIENT_CHUNK_ELEMENTS = 32_000_000
 #: Test-time augmentation scales for ``aug_smooth`` (each also mirrored).
 AUGMENT_SCALES = (1.0, 1.25)
+
+
+def _layout_list(spec: object, count: int) -> list[Layout | None]:
+    """The caller's ``layout=``: one spec for every layer, or a list with one per layer."""
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != count:
+            raise GradCAMError(f"got {len(spec)} layouts for {count} layers; expected one per layer")
+        return [layouts.parse(item) for item in spec]
+    return [layouts.parse(spec)] * count
+
+
+def _check_batch_axis(name: str, shape: tuple[int, ...], batch: int) -> None:
+    if not shape or shape[0] != batch:
+        raise GradCAMError(
+            f"layer '{name}' outputs shape {shape}: its leading axis is not the batch of {batch} (windows "
+            "or heads folded into it); choose a layer whose output starts with the batch"
+        )
 
 
 def _augment(inputs: torch.Tensor, flip: bool, scale: float) -> torch.Tensor:

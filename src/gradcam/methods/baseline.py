@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gradcam.layouts import LayoutSpec
 from gradcam.methods.base import CAM, LayersSpec
 
 
@@ -20,8 +21,15 @@ class RandomCAM(CAM):
     uses_gradients = False
     class_specific = False
 
-    def __init__(self, model: nn.Module, layer: LayersSpec = None, *, seed: int | None = None) -> None:
-        super().__init__(model, layer)
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayersSpec = None,
+        *,
+        seed: int | None = None,
+        layout: LayoutSpec = None,
+    ) -> None:
+        super().__init__(model, layer, layout=layout)
         self._generator = torch.Generator()
         if seed is None:
             self._generator.seed()

@@ -19,6 +19,7 @@ from torch.overrides import TorchFunctionMode
 
 from gradcam.capture import eval_mode
 from gradcam.errors import GradCAMError
+from gradcam.layouts import LayoutSpec
 from gradcam.methods.base import LayerSpec, _check_device, _check_inputs, _check_logits, _check_not_inference
 from gradcam.methods.gradient import GradCAM
 from gradcam.targets import TargetSpec, resolve
@@ -197,15 +198,16 @@ class GuidedGradCAM:
     Args:
         model: a classifier returning pre-softmax scores (B, classes), left exactly as found.
         layer: the Grad-CAM layer: None (automatic), a qualified module name, or the module.
+        layout: the layer's layout when it cannot be decided (see :class:`gradcam.GradCAM`).
     """
 
     method = "guided-gradcam"
 
-    def __init__(self, model: nn.Module, layer: LayerSpec = None) -> None:
+    def __init__(self, model: nn.Module, layer: LayerSpec = None, *, layout: LayoutSpec = None) -> None:
         if isinstance(layer, Sequence) and not isinstance(layer, str):
             raise GradCAMError("GuidedGradCAM explains one layer; got a list of layers")
         self.guided = GuidedBackprop(model)
-        self.cam = GradCAM(model, layer)
+        self.cam = GradCAM(model, layer, layout=layout)
 
     def __call__(self, inputs: torch.Tensor, targets: TargetSpec = None) -> torch.Tensor:
         """Guided Grad-CAM (B,C,H,W), detached, on the CPU."""

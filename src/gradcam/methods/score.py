@@ -29,7 +29,9 @@ from torch import fx, nn
 from torch.nn.modules import module as torch_module
 
 from gradcam.errors import GradCAMError
+from gradcam.layouts import LayoutSpec
 from gradcam.methods.base import CAM, LayersSpec, MapContext
+from gradcam.targets import model_logits
 
 AUTO_PROGRESS_CHUNKS = 20
 """With ``progress=None`` a bar is shown from this many chunks on, when stderr is a terminal."""
@@ -50,8 +52,9 @@ class _ChunkedCAM(CAM):
         *,
         batch_size: int = 32,
         progress: bool | None = None,
+        layout: LayoutSpec = None,
     ) -> None:
-        super().__init__(model, layer)
+        super().__init__(model, layer, layout=layout)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise GradCAMError(f"batch_size must be a positive integer, got {batch_size!r}")
         if progress is not None and not isinstance(progress, bool):
@@ -164,7 +167,7 @@ class ScoreCAM(_ChunkedCAM):
     def scored_weights(self, activations: torch.Tensor, context: MapContext) -> torch.Tensor:
         model, x, targets = context.model, context.inputs, context.targets
         size = (x.shape[2], x.shape[3])
-        baseline = torch.softmax(model(torch.zeros_like(x[:1])), dim=1)[0]
+        baseline = torch.softmax(model_logits(model(torch.zeros_like(x[:1]))), dim=1)[0]
         weights = torch.zeros(activations.shape[:2], dtype=activations.dtype, device=activations.device)
         chunks = self._chunks(_non_constant(activations))
         with self._progress(sum(map(len, chunks)), context) as advance:
@@ -172,7 +175,7 @@ class ScoreCAM(_ChunkedCAM):
                 target = targets[index]
                 for channels in image_chunks:
                     masks = _normalised_masks(activations[index, channels], size).to(x.dtype)
-                    probs = torch.softmax(model(x[index : index + 1] * masks), dim=1)
+                    probs = torch.softmax(model_logits(model(x[index : index + 1] * masks)), dim=1)
                     weights[index, channels] = (probs[:, target] - baseline[target]).to(weights.dtype)
                     advance()
         return weights
@@ -226,7 +229,8 @@ class AblationCAM(_ChunkedCAM):
         weights = torch.zeros(activations.shape[:2], dtype=activations.dtype, device=activations.device)
         live = [row.nonzero()[:, 0] for row in activations.flatten(2).ne(0).any(dim=2)]
         chunks = self._chunks(live)
-        with self._scorer(activations, context) as (logits, score):
+        own = context.output if context.output is not None else activations  # the layer's own layout
+        with self._scorer(own, context) as (logits, score):
             y = logits.gather(1, targets[:, None])[:, 0]
             denominator = y.abs().clamp_min(torch.finfo(y.dtype).eps)
             with self._progress(sum(map(len, chunks)), context) as advance:
@@ -235,6 +239,7 @@ class AblationCAM(_ChunkedCAM):
                     for channels in image_chunks:
                         ablated = activations[index].expand(len(channels), -1, -1, -1).clone()
                         ablated[torch.arange(len(channels), device=channels.device), channels] = 0
+                        ablated = context.layout.layer_output(ablated, like=own[index : index + 1])
                         ablated_scores = score(index, ablated)[:, target]
                         slope = (y[index] - ablated_scores) / denominator[index]
                         weights[index, channels] = slope.to(weights.dtype)
@@ -278,13 +283,13 @@ def _rerun_whole_model(context: MapContext) -> Iterator[tuple[torch.Tensor, Scor
     def score(index: int, ablated: torch.Tensor) -> torch.Tensor:
         pending[:] = [ablated]
         try:
-            return model(x[index : index + 1].expand(len(ablated), -1, -1, -1).clone())
+            return model_logits(model(x[index : index + 1].expand(len(ablated), -1, -1, -1).clone()))
         finally:
             pending.clear()
 
     handle = module.register_forward_hook(replace)
     try:
-        yield model(x), score
+        yield model_logits(model(x)), score
     finally:
         handle.remove()
 
@@ -331,7 +336,7 @@ class _Tail:
             value[index : index + 1].expand(count, *value.shape[1:]).clone() if batched else value
             for value, batched in zip(self.externals, self.batched, strict=True)
         ]
-        return self.module(ablated, *values)
+        return model_logits(self.module(ablated, *values))
 
 
 def _parents(model: nn.Module, name: str) -> list[nn.Module]:
@@ -404,7 +409,7 @@ def _cut_after(context: MapContext, activations: torch.Tensor) -> _Tail:
     # The cut must reproduce the model: from the layer's activation, the tail gives the model's logits.
     # The tail may update a per-image value in place (each chunk gets its own copy), not a shared one.
     checked = [_snapshot(value) for value in values]
-    logits = tail(activations.clone(), *checked)
+    logits = model_logits(tail(activations.clone(), *checked))
     for node, value, after, per_image in zip(externals, values, checked, batched, strict=True):
         if not per_image and isinstance(value, torch.Tensor) and not torch.equal(value, after):
             raise _Unsplittable(f"the tail modifies '{node.name}' in place")

@@ -9,6 +9,7 @@ from torch import nn
 
 from gradcam.capture import eval_mode
 from gradcam.errors import GradCAMError
+from gradcam.targets import model_logits
 
 #: Images scored per forward pass by the perturbation metrics unless told otherwise.
 DEFAULT_BATCH_SIZE = 32
@@ -36,7 +37,7 @@ def target_probabilities(
         for start in range(0, len(inputs), batch_size):
             x = inputs[start : start + batch_size].to(device)
             t = targets[start : start + batch_size].to(device)
-            logits = model(x)
+            logits = model_logits(model(x))
             if t.numel() and (int(t.min()) < 0 or int(t.max()) >= logits.shape[1]):
                 raise GradCAMError(
                     f"target class {int(t.max()) if int(t.min()) >= 0 else int(t.min())} is out of range; "
@@ -90,5 +91,5 @@ def predict(model: nn.Module, inputs: torch.Tensor, *, batch_size: int = DEFAULT
     out = []
     with torch.inference_mode(False), eval_mode(model):
         for start in range(0, len(inputs), batch_size):
-            out.append(model(inputs[start : start + batch_size].to(device)).float().cpu())
+            out.append(model_logits(model(inputs[start : start + batch_size].to(device))).float().cpu())
     return torch.cat(out)

@@ -33,7 +33,7 @@ from gradcam.models import LoadedModel
 from gradcam.serve.models import ModelPool
 from gradcam.serve.render import GUIDED, check_method, render
 from gradcam.serve.study.store import NewPair
-from gradcam.targets import parse_class
+from gradcam.targets import model_logits, parse_class
 
 #: Images explained together (one forward per model and method for each chunk).
 CHUNK = 8
@@ -126,7 +126,7 @@ def _png(picture: Image.Image) -> bytes:
 def _top1(pool: ModelPool, loaded: LoadedModel, images: Sequence[Image.Image]) -> list[int]:
     batch = torch.stack([loaded.preprocess(image) for image in images])
     with pool.lock(loaded.name), torch.no_grad():
-        logits = loaded.module(batch.to(model_device(loaded.module)))
+        logits = model_logits(loaded.module(batch.to(model_device(loaded.module))))
     return logits.argmax(dim=1).tolist()
 
 
