@@ -50,6 +50,21 @@ class SpatialHead(nn.Module):
         return activations.detach().numpy(), gradients.numpy()
 
 
+def tiny_vit_options(**overrides: object) -> dict[str, object]:
+    """The small Hugging Face ViT/DeiT config the transformer tests share (2 layers, 2 heads, width 32);
+    ``overrides`` set the image and patch size, labels, attention implementation."""
+    options: dict[str, object] = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_labels=3,
+    )
+    return {**options, **overrides}
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

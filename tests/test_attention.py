@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 
 import gradcam
+from conftest import tiny_vit_options
 from gradcam import methods
 from gradcam.attention import attention_modules, capture_attention, inside_attention, is_attention
 from gradcam.errors import GradCAMError
@@ -71,16 +72,7 @@ def torchvision_vit() -> nn.Module:
 
 
 def hf_vit(implementation: str, teacher: bool = False) -> nn.Module:
-    options = dict(
-        image_size=32,
-        patch_size=8,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_labels=7,
-        attn_implementation=implementation,
-    )
+    options = tiny_vit_options(num_labels=7, attn_implementation=implementation)
     if teacher:
         model = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**options))
     else:
@@ -356,7 +348,7 @@ def test_chunked_backward_matches_one_chunk(monkeypatch: pytest.MonkeyPatch) -> 
     model = vit(depth=2)
     x = images()
     whole = gradcam.GenericAttention(model)(x, topk=3)
-    monkeypatch.setattr("gradcam.methods.attention.GRADIENT_CHUNK_ELEMENTS", 1)
+    monkeypatch.setattr("gradcam.methods.base.GRADIENT_CHUNK_ELEMENTS", 1)
     chunked = gradcam.GenericAttention(model)(x, topk=3)
     assert_close(chunked.raw, whole.raw, rtol=1e-5)
 

@@ -22,6 +22,7 @@ from torch import nn
 from transformers import ViTConfig, ViTForImageClassification
 
 import gradcam
+from conftest import tiny_vit_options
 from gradcam import layouts
 from gradcam.layers import list_layers
 from gradcam.targets import model_logits
@@ -34,16 +35,7 @@ def _timm(name: str, **kwargs: object) -> nn.Module:
 
 def _hf_vit(**kwargs: object) -> nn.Module:
     torch.manual_seed(0)
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=64,
-        patch_size=16,
-        num_labels=5,
-        **kwargs,
-    )
+    config = ViTConfig(**tiny_vit_options(image_size=64, patch_size=16, num_labels=5, **kwargs))
     return ViTForImageClassification(config).eval()
 
 

@@ -25,6 +25,7 @@ from torchvision.models import ResNet50_Weights
 from typer.testing import CliRunner
 
 import gradcam.models as models
+from conftest import tiny_vit_options
 from gradcam.cli import app
 from gradcam.errors import GradCAMError
 from gradcam.io import load_image
@@ -370,17 +371,7 @@ def tiny_vit(tmp_path_factory):
 
     folder = tmp_path_factory.mktemp("tiny-vit")
     labels = {0: "cat", 1: "dog", 2: "bird"}
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        num_labels=3,
-        id2label=labels,
-        label2id={v: k for k, v in labels.items()},
-    )
+    config = ViTConfig(**tiny_vit_options(id2label=labels, label2id={v: k for k, v in labels.items()}))
     torch.manual_seed(3)
     model = ViTForImageClassification(config).eval()
     model.save_pretrained(folder)

@@ -52,9 +52,7 @@ from gradcam.explanation import Explanation
 from gradcam.layouts import MAX_DERIVED_PREFIX, ModelFacts, model_facts
 from gradcam.methods.base import (
     CAM,
-    GRADIENT_CHUNK_ELEMENTS,
     LayersSpec,
-    _batched_grad,
     _check_device,
     _check_inputs,
     _check_logits,
@@ -293,23 +291,12 @@ class GenericAttention(_AttentionMethod):
     def relevance(
         self, maps: AttentionMaps, logits: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor
     ) -> torch.Tensor:
-        if not scores.requires_grad:
-            raise GradCAMError(_NO_GRADIENT)
-        probs = maps.probs
-        rows = ids.shape[0]
-        chunks: list[torch.Tensor] = []
-        if rows == 1:
-            grads = torch.autograd.grad(scores.sum(), probs, allow_unused=True)
-            chunks.append(self._relevance_rows(probs, [None if g is None else g[None] for g in grads], 1))
-        else:
-            per_row = sum(p.numel() for p in probs)
-            step = max(1, GRADIENT_CHUNK_ELEMENTS // per_row)
-            for start in range(0, rows, step):
-                part = ids[start : start + step]
-                selector = torch.zeros(len(part), *logits.shape, device=logits.device, dtype=logits.dtype)
-                selector.scatter_(2, part[:, :, None], 1.0)
-                grads = _batched_grad(logits, probs, selector)
-                chunks.append(self._relevance_rows(probs, grads, len(part)))
+        # The CAM engine's chunked, batched backward, with the blocks' probabilities as the roots.
+        first = maps.names[0] if maps.names else "attention"
+        chunks = [
+            self._relevance_rows(maps.probs, grads, rows.stop - rows.start)
+            for rows, grads in self._gradient_chunks(logits, ids, scores, maps.probs, first)
+        ]
         return torch.cat(chunks)
 
     @staticmethod

@@ -58,7 +58,7 @@ from gradcam.errors import GradCAMError
 from gradcam.explanation import normalise, upsample
 from gradcam.metrics.checks import as_map
 from gradcam.metrics.saliency import make_saliency
-from gradcam.targets import TargetSpec, resolve
+from gradcam.targets import TargetSpec, model_logits, resolve
 from gradcam.viz import save_figure
 
 #: Containers that are expanded into their items instead of being randomised whole (exact types: a
@@ -371,10 +371,7 @@ def cascading_randomisation(
     subject = copy.deepcopy(model)
     blocks = randomisation_steps(subject, inputs)
     with torch.no_grad(), eval_mode(subject):
-        logits = subject(inputs.detach().clone())
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != inputs.shape[0]:
-        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-        raise GradCAMError(f"model must return logits of shape ({inputs.shape[0]}, classes), got {got}")
+        logits = model_logits(subject(inputs.detach().clone()), inputs.shape[0])
     ids = resolve(logits, targets)
     # Built once: a layer given by name is resolved to the copy's module, which the resets modify in place.
     functions = {

@@ -188,7 +188,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
         return {"models": infos}
 
     @app.get(
-        "/v1/models/{model}/labels",
+        "/v1/models/{model:path}/labels",
         response_model=Labels,
         responses={404: {"model": Problem}, 422: {"model": Problem}},
         tags=["service"],
