@@ -1,7 +1,9 @@
 """Maps for all 1000 classes of resnet50 (random weights), batch 4, 224x224, against one plain inference.
 
 One forward pass and chunked batched backwards (``is_grads_batched``) give every class's map; the peers
-need one call per class (over 1000x). Interleaved rounds; prints the median of each and their ratio.
+need one call per class (over 1000x). One untimed call of each first, then rounds timed as in ``timing.py``
+(every call once a round, in an order rotated from round to round, garbage collection paused around each
+timed call); prints the median of each and its ratio to the inference's median.
 Run: ``.venv/bin/python benchmarks/all_classes.py [--rounds 5] [--method gradcam]``.
 """
 
@@ -9,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 import torchvision
 
 import gradcam
+import timing
+from timing import Contender
 
 
 def main() -> None:
@@ -38,24 +41,23 @@ def main() -> None:
     def all_with_maps() -> None:
         cam(x, "all").maps  # noqa: B018 - materialise the (1000, B, 224, 224) upsampled maps
 
-    timings: dict[str, list[float]] = {"inference": [], "all classes (raw)": [], "all classes + maps": []}
-    calls = {"inference": inference, "all classes (raw)": all_raw, "all classes + maps": all_with_maps}
-    for function in calls.values():
-        function()  # warm-up
-    for _ in range(args.rounds):
-        for name, function in calls.items():
-            start = time.perf_counter()
-            function()
-            timings[name].append(time.perf_counter() - start)
-    base = statistics.median(timings["inference"])
+    contenders = [
+        Contender("inference", inference),
+        Contender("all classes (raw)", all_raw),
+        Contender("all classes + maps", all_with_maps),
+    ]
+    for contender in contenders:
+        contender.call()  # warm-up
+    timing.run_rounds(contenders, args.rounds)
+    base = statistics.median(contenders[0].times)
     print(
         f"resnet50, batch {args.batch}, 1000 classes, method {args.method}, {args.rounds} rounds, "
         f"{torch.get_num_threads()} threads"
     )
-    for name, values in timings.items():
-        median = statistics.median(values)
-        print(f"{name:22s} median {median:7.3f} s   ratio {median / base:6.2f}")
-    ratio = statistics.median(timings["all classes (raw)"]) / base
+    for contender in contenders:
+        median = statistics.median(contender.times)
+        print(f"{contender.name:22s} median {median:7.3f} s   ratio {median / base:6.2f}")
+    ratio = statistics.median(contenders[1].times) / base
     print(f"all-class/inference ratio (median): {ratio:.2f} (target <= 7)")
 
 

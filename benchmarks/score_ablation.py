@@ -21,9 +21,10 @@ projection is close (it errs high by that small rest, scaled); ``--full`` times 
 instead. Nothing is asserted: this is a measurement, not a test.
 
 How: one untimed call of everything first (kernel set-up, allocator growth). Then ``--rounds`` rounds
-of the fast contenders (baseline, Ablation-CAM fx), in an order rotated from round to round, median
-and minimum reported; the slow contenders are timed once, between those rounds. Garbage collection is
-paused around each timed call.
+of the fast contenders (baseline, Ablation-CAM fx) as in ``timing.py`` (an order rotated from round to
+round, garbage collection paused around each timed call, on CUDA the device synchronised before and
+after it), median and minimum reported; the slow contenders are timed once, the same way, between those
+rounds.
 
 Run: ``.venv/bin/python benchmarks/score_ablation.py [--batch 1] [--rounds 5] [--sample 16] [--full]
 [--chunk 32] [--model resnet50] [--layer layer4] [--threads N] [--device cpu]``.
@@ -32,45 +33,16 @@ Run: ``.venv/bin/python benchmarks/score_ablation.py [--batch 1] [--rounds 5] [-
 from __future__ import annotations
 
 import argparse
-import gc
-import os
-import platform
 import statistics
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 import torchvision
 from torch import nn
 
+import timing
 from gradcam.methods.score import AblationCAM, ScoreCAM
-
-
-@dataclass
-class Row:
-    """One line of the report: a name, its times (one per round) and how they were obtained."""
-
-    name: str
-    times: list[float] = field(default_factory=list)
-    note: str = ""
-
-
-def timed(call: Callable[[], object], device: torch.device) -> float:
-    """Seconds one call takes, with garbage collection paused and the device synchronised."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-    finally:
-        if enabled:
-            gc.enable()
+from timing import Contender
 
 
 def truncated(method: type, chunks_per_image: int | None, record: dict[str, int]) -> type:
@@ -101,33 +73,30 @@ def whole_model(method: type) -> type:
 
 def slow_row(
     name: str, method: type, model: nn.Module, args: argparse.Namespace, x: torch.Tensor, device: torch.device
-) -> Row:
+) -> Contender:
     """Time ``method`` on the first ``--sample`` chunks of every image and scale to all chunks, or time
     the complete call (``--full``)."""
     record: dict[str, int] = {}
     keep = None if args.full else args.sample
     cam = truncated(method, keep, record)(model, args.layer, batch_size=args.chunk, progress=False)
-    seconds = timed(lambda: cam(x), device)
+    seconds = timing.timed(lambda: cam(x), device)
     total, scored = record["total"], record["scored"]
     if scored == total:
-        return Row(name, [seconds], f"full call, {total} chunks")
+        return Contender(name, lambda: cam(x), [seconds], f"full call, {total} chunks")
     note = f"projected: {scored} of {total} chunks took {seconds:.1f} s"
-    return Row(name, [seconds * total / scored], note)
+    return Contender(name, lambda: cam(x), [seconds * total / scored], note)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch", type=int, default=1, help="images per batch (default 1)")
-    parser.add_argument("--size", type=int, default=224, help="input height and width (default 224)")
+    timing.add_shape_options(parser, batch=1)
     parser.add_argument("--model", default="resnet50", help="torchvision model name (default resnet50)")
     parser.add_argument("--layer", default="layer4", help="explained layer (default layer4)")
     parser.add_argument("--chunk", type=int, default=32, help="perturbed inputs per forward (default 32)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds of the fast rows (default 5)")
     parser.add_argument("--sample", type=int, default=16, help="chunks per image timed for a projection")
     parser.add_argument("--full", action="store_true", help="time the slow rows fully instead of projecting")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default torch's)")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    parser.add_argument("--seed", type=int, default=0, help="seed for weights and inputs (default 0)")
+    timing.add_run_options(parser, device=True)
     args = parser.parse_args()
     if min(args.batch, args.chunk, args.rounds, args.sample) < 1:
         parser.error("--batch, --chunk, --rounds and --sample must be >= 1")
@@ -137,43 +106,33 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     started = time.perf_counter()
     args = parse_args()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    device = torch.device(args.device)
+    device = timing.prepare(args)
     model = torchvision.models.get_model(args.model, weights=None).eval().to(device)
     x = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "CPU"
     print(
         f"{args.model} (random weights), layer {args.layer}, batch {args.batch}x3x{args.size}x{args.size}, "
-        f"{args.chunk} perturbed inputs per forward, {where} ({os.cpu_count()} cores), "
-        f"torch {torch.__version__}, threads {torch.get_num_threads()}"
+        f"{args.chunk} perturbed inputs per forward, {timing.machine(device)}"
     )
 
-    def inference() -> object:
-        with torch.inference_mode():
-            return model(x)
-
     ablation = AblationCAM(model, args.layer, batch_size=args.chunk, progress=False)
-    fast = [Row("inference_mode forward"), Row("ablationcam (fx tail)")]
-    calls = [inference, lambda: ablation(x)]
-    for call in calls:  # warm-up
-        call()
+    fast = [
+        timing.inference(model, x),
+        Contender("ablationcam (fx tail)", lambda: ablation(x)),
+    ]
+    for contender in fast:  # warm-up
+        contender.call()
     whole = whole_model(AblationCAM)
     truncated(ScoreCAM, 1, {})(model, args.layer, batch_size=args.chunk, progress=False)(x)  # warm-up
     truncated(whole, 1, {})(model, args.layer, batch_size=args.chunk, progress=False)(x)
 
-    slow: list[Row] = []
-    for round_index in range(args.rounds):
-        gc.collect()
-        shift = round_index % len(fast)
-        for row, call in (
-            list(zip(fast, calls, strict=True))[shift:] + list(zip(fast, calls, strict=True))[:shift]
-        ):
-            row.times.append(timed(call, device))
+    slow: list[Contender] = []
+
+    def slow_rows(round_index: int) -> None:
         if round_index == args.rounds // 2:  # the slow rows once, in the middle of the fast rounds
             slow.append(slow_row("ablationcam (whole network)", whole, model, args, x, device))
             slow.append(slow_row("scorecam", ScoreCAM, model, args, x, device))
+
+    timing.run_rounds(fast, args.rounds, device, after_round=slow_rows)
 
     base = statistics.median(fast[0].times)
     header = f"{'':30} {'median s':>9} {'min s':>9} {'x inference':>12}  how"

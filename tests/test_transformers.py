@@ -469,3 +469,11 @@ def test_zoo_sweep_automatic_layer_and_exact_map(which: str) -> None:
     ours = gradcam.GradCAM(module)(x)
     assert ours.layer == layer
     _close(ours.raw, _hand_map(module, layer, x, to_map).numpy())
+
+
+def test_aug_smooth_on_a_fixed_size_model_is_one_clear_line() -> None:
+    model, x, _, _ = CASES["timm-vit"]()
+    refused = r"aug_smooth: the model does not take the 1.25x-scaled 80x80 input \(Input height \(80\)"
+    with pytest.raises(gradcam.GradCAMError, match=refused) as error:
+        gradcam.GradCAM(model)(x, aug_smooth=True)
+    assert "\n" not in str(error.value)

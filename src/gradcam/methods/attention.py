@@ -135,6 +135,7 @@ class _AttentionMethod(CAM):
     """Shared call of the attention methods: the CAM call signature and Explanation, every block at once."""
 
     method = "attention"
+    explains_layer = False
 
     def __init__(
         self,

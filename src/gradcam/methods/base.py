@@ -105,6 +105,8 @@ class CAM:
     uses_gradients = True
     #: False for methods whose map ignores the class (Eigen-CAM): computed once for all targets.
     class_specific = True
+    #: False for methods that read the whole model rather than one layer (the attention methods).
+    explains_layer = True
 
     def __init__(
         self,
@@ -367,7 +369,19 @@ class CAM:
                 if not flip and scale == 1.0:
                     continue
                 augmented = _augment(inputs, flip, scale)
-                explained = self._explain(augmented, fixed.to(inputs.device), None, eigen_smooth, layers)
+                try:
+                    explained = self._explain(augmented, fixed.to(inputs.device), None, eigen_smooth, layers)
+                except GradCAMError:
+                    raise
+                except (AssertionError, RuntimeError, ValueError) as error:
+                    # A model built for one input size (a timm ViT with a fixed patch grid) refuses the
+                    # rescaled copies: say so in one line rather than surface its traceback.
+                    size = "x".join(map(str, augmented.shape[2:]))
+                    reason = " ".join(str(error).split())[:160] or type(error).__name__
+                    raise GradCAMError(
+                        f"aug_smooth: the model does not take the {scale}x-scaled {size} input ({reason}); "
+                        "it needs a fixed input size, so explain without aug_smooth"
+                    ) from None
                 for total, e in zip(totals, explained, strict=True):
                     raw = e.raw if e.raw.dim() == 4 else e.raw[None]
                     back = upsample(raw, tuple(total.shape[-2:]))
