@@ -24,7 +24,10 @@ from transformers import ViTConfig, ViTForImageClassification
 import gradcam
 from conftest import tiny_vit_options
 from gradcam import layouts
+from gradcam.explanation import normalise, upsample
 from gradcam.layers import list_layers
+from gradcam.metrics.saliency import make_saliency
+from gradcam.metrics.sanity import cascading_randomisation
 from gradcam.targets import model_logits
 
 
@@ -297,26 +300,42 @@ def test_attention_internals_and_windows_are_refused_in_one_line() -> None:
         gradcam.GradCAM(hf, "vit.layers.1.attention")(hx)
 
 
+class _Tokens(nn.Module):
+    """A token model that declares no patch grid: a 4x4 patchify conv, one token mixer, a mean head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 8, 4, stride=4)
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.mix(self.embed(x).flatten(2).transpose(1, 2))
+        return self.head(torch.relu(tokens).mean(dim=1))
+
+
 def test_tokens_without_a_patch_grid_are_refused() -> None:
-    class Tokens(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.embed = nn.Conv2d(3, 8, 4, stride=4)
-            self.mix = nn.Linear(8, 8)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            tokens = self.mix(self.embed(x).flatten(2).transpose(1, 2))
-            return self.head(tokens.mean(dim=1))
-
-    model = Tokens().eval()
+    model = _Tokens().eval()
     x = torch.randn(1, 3, 16, 16)
     with pytest.raises(gradcam.GradCAMError, match=r"declares no patch grid.*tokens:HxW\+PREFIX"):
         gradcam.GradCAM(model, "mix")(x)
     explicit = gradcam.GradCAM(model, "mix", layout="tokens:4x4+0")(x)
     by_hand = gradcam.GradCAM(model, "mix", layout=lambda t: t.reshape(len(t), 4, 4, 8).permute(0, 3, 1, 2))
-    by_hand = by_hand(x)
-    torch.testing.assert_close(explicit.raw, by_hand.raw)
+    torch.testing.assert_close(explicit.raw, by_hand(x).raw)
+    _close(explicit.raw, _hand_map(model, "mix", x, _tokens_to_map(0, (4, 4))).numpy())
+
+
+def test_evaluation_and_sanity_take_the_layout_too() -> None:
+    model = _Tokens().eval()
+    x, targets = torch.randn(2, 3, 16, 16), torch.tensor([0, 2])
+    expected = gradcam.GradCAM(model, "mix", layout="tokens:4x4+0")(x, targets).raw
+    saliency = make_saliency("gradcam", model, layer="mix", layout="tokens:4x4+0")
+    torch.testing.assert_close(saliency(x, targets), expected)
+    with pytest.raises(gradcam.GradCAMError, match="declares no patch grid"):
+        make_saliency("gradcam", model, layer="mix")(x, targets)
+    result = cascading_randomisation(model, x, targets, ["gradcam"], layer="mix", layout="tokens:4x4+0")
+    original = result.methods["gradcam"][0].maps
+    torch.testing.assert_close(original, normalise(upsample(expected, (16, 16)).abs()))
 
 
 def test_layouts_decide_from_module_type_and_geometry() -> None:

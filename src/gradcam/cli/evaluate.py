@@ -24,6 +24,7 @@ from gradcam.batch.inputs import collect_images
 from gradcam.cli.common import (
     DeviceOption,
     LabelsOption,
+    LayoutOption,
     ModelOption,
     RandomOption,
     WeightsOption,
@@ -111,6 +112,7 @@ def evaluate_command(
         f"{f:g}" for f in DEFAULT_FRACTIONS
     ),
     layer: Annotated[str | None, typer.Option(help="CAM layer (default: automatic).")] = None,
+    layout: LayoutOption = None,
     seed: Annotated[int, typer.Option(help="Seed of the random baseline and ROAD's noise.")] = 0,
     device: DeviceOption = "cpu",
 ) -> None:
@@ -128,6 +130,7 @@ def evaluate_command(
             steps=steps,
             road_fractions=_fractions(road_fractions),
             layer=layer,
+            layout=layout,
             seed=seed,
         )
         loaded = load_model(model, weights, labels, random_weights).to(torch_device)
@@ -196,6 +199,7 @@ def sanity_command(
     random_weights: RandomOption = False,
     methods: Annotated[str, typer.Option(help="Comma-separated methods.")] = "gradcam,guided-backprop",
     layer: Annotated[str | None, typer.Option(help="CAM layer (default: automatic).")] = None,
+    layout: LayoutOption = None,
     target: Annotated[str | None, typer.Option(help="Class index or name (default: each top-1).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the re-initialisations.")] = 0,
     device: DeviceOption = "cpu",
@@ -240,6 +244,7 @@ def sanity_command(
                 mean=preprocess.mean,
                 std=preprocess.std,
                 seed=seed,
+                layout=layout,
             )
         except GradCAMError as error:
             raise fail(str(error)) from None

@@ -51,6 +51,7 @@ class EvaluationSettings:
     min_iou: float = loc.IOU_THRESHOLD
     tolerance: float = loc.POINTING_TOLERANCE
     layer: str | None = None
+    layout: str | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -220,7 +221,13 @@ def evaluate(
     black = -mean / torch.tensor(preprocess.std, dtype=torch.float64)
     maps_of = {
         name: make_saliency(
-            name, model, layer=settings.layer, mean=preprocess.mean, std=preprocess.std, seed=settings.seed
+            name,
+            model,
+            layer=settings.layer,
+            mean=preprocess.mean,
+            std=preprocess.std,
+            seed=settings.seed,
+            layout=settings.layout,
         )
         for name in settings.evaluated
     }

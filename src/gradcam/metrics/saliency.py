@@ -14,6 +14,7 @@ from torch import nn
 
 from gradcam import methods
 from gradcam.errors import GradCAMError
+from gradcam.layouts import LayoutSpec
 from gradcam.methods import GuidedBackprop, GuidedGradCAM, RandomCAM
 from gradcam.metrics import baselines
 
@@ -38,6 +39,7 @@ def make_saliency(
     mean: Sequence[float] = (0.0, 0.0, 0.0),
     std: Sequence[float] = (1.0, 1.0, 1.0),
     seed: int = 0,
+    layout: LayoutSpec = None,
 ) -> Saliency:
     """The map function registered under ``name`` for ``model``.
 
@@ -47,6 +49,7 @@ def make_saliency(
         layer: the CAM layer (None: automatic).
         mean, std: the model's input normalisation, so that ``sobel`` sees the picture in [0, 1].
         seed: seeds the ``random`` baseline and ``randomcam``.
+        layout: the CAM layer's layout when it cannot be decided (see :class:`gradcam.GradCAM`).
 
     Pixel methods give |g| summed over the colour channels (g the guided gradient), as the maps are
     drawn in the Grad-CAM paper.
@@ -62,10 +65,13 @@ def make_saliency(
         guided = GuidedBackprop(model)
         return lambda x, t: guided(x, t).abs().sum(dim=1)
     if name == "guided-gradcam":
-        guided_cam = GuidedGradCAM(model, layer)
+        guided_cam = GuidedGradCAM(model, layer, layout=layout)
         return lambda x, t: guided_cam(x, t).abs().sum(dim=1)
     if name not in methods.names():
         raise GradCAMError(f"method '{name}' not found; available: {', '.join(names())}")
     cls = methods.get(name)
-    cam = cls(model, layer, seed=seed) if cls is RandomCAM else cls(model, layer)
+    options: dict[str, object] = {"seed": seed} if cls is RandomCAM else {}
+    if layout is not None:
+        options["layout"] = layout
+    cam = cls(model, layer, **options)
     return lambda x, t: cam(x, t).raw

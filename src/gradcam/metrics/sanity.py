@@ -56,6 +56,7 @@ from torch import nn
 from gradcam.capture import eval_mode, resolve_module
 from gradcam.errors import GradCAMError
 from gradcam.explanation import normalise, upsample
+from gradcam.layouts import LayoutSpec
 from gradcam.metrics.checks import as_map
 from gradcam.metrics.saliency import make_saliency
 from gradcam.targets import TargetSpec, model_logits, resolve
@@ -332,6 +333,7 @@ def cascading_randomisation(
     mean: Sequence[float] = (0.0, 0.0, 0.0),
     std: Sequence[float] = (1.0, 1.0, 1.0),
     seed: int = 0,
+    layout: LayoutSpec = None,
 ) -> SanityResult:
     """Run the cascading model-parameter randomisation test (Adebayo et al., NeurIPS 2018) on a batch.
 
@@ -350,6 +352,7 @@ def cascading_randomisation(
         mean, std: the model's input normalisation (for the "sobel" baseline).
         seed: step k re-initialises its block with the random generators seeded with ``seed + k``
             (inside :func:`torch.random.fork_rng`: the caller's random state is left as it was).
+        layout: the CAM layer's layout when it cannot be decided (see :class:`gradcam.GradCAM`).
 
     Returns:
         A :class:`SanityResult`: per method and step the mean and per-image Spearman rank correlation of
@@ -375,7 +378,8 @@ def cascading_randomisation(
     ids = resolve(logits, targets)
     # Built once: a layer given by name is resolved to the copy's module, which the resets modify in place.
     functions = {
-        name: make_saliency(name, subject, layer=layer, mean=mean, std=std, seed=seed) for name in names
+        name: make_saliency(name, subject, layer=layer, mean=mean, std=std, seed=seed, layout=layout)
+        for name in names
     }
 
     devices = _cuda_devices(subject)
