@@ -343,23 +343,6 @@ def test_timm_corrupt_file_in_the_cache_is_one_line(tmp_path, offline):
     one_line(excinfo, str(snapshot / "model.safetensors"), "timm:test_vit", "cannot be loaded")
 
 
-@pytest.mark.parametrize(
-    ("name", "words"),
-    [
-        ("timm:nosuchmodel", ["'timm:nosuchmodel' not found", "timm.list_models()"]),
-        ("timm:vit_tiny_patch16_22", ["did you mean", "timm:vit_tiny_patch16_224"]),
-        ("timm:resnet18.nosuch", ["no pretrained tag 'nosuch'", "a1_in1k"]),
-        ("timm:", ["names nothing"]),
-        ("timm:hf-hub:org/model", ["not found"]),
-    ],
-)
-def test_timm_unknown_names_are_one_line_with_hints(name, words):
-    for call in (models.check, models.load):
-        with pytest.raises(GradCAMError) as excinfo:
-            call(name)
-        one_line(excinfo, f"model '{name}", *words)
-
-
 # --------------------------------------------------------------------------------------------------
 # hf: transformers classifiers from a folder or the hub cache
 
@@ -484,11 +467,16 @@ def test_hf_repo_id_missing_from_the_cache_is_one_line(offline):
 @pytest.mark.parametrize(
     ("name", "words"),
     [
+        ("timm:nosuchmodel", ["'timm:nosuchmodel' not found", "timm.list_models()"]),
+        ("timm:vit_tiny_patch16_22", ["did you mean", "timm:vit_tiny_patch16_224"]),
+        ("timm:resnet18.nosuch", ["no pretrained tag 'nosuch'", "a1_in1k"]),
+        ("timm:", ["names nothing"]),
+        ("timm:hf-hub:org/model", ["not found"]),
         ("hf:/no/such/folder", ["not found", "no such folder"]),
         ("hf:", ["names nothing"]),
     ],
 )
-def test_hf_bad_names_are_one_line(name, words):
+def test_bad_zoo_names_are_one_line_with_hints(name, words):
     for call in (models.check, models.load):
         with pytest.raises(GradCAMError) as excinfo:
             call(name)

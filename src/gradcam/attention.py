@@ -112,6 +112,12 @@ _SOFTMAXES: dict[Callable[..., Any], Callable[..., tuple[torch.Tensor, int | Non
 _MHA_SIGNATURE = inspect.signature(F.multi_head_attention_forward)
 
 
+def _causal(length: int, source: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The additive causal mask: query i attends to keys 0..i (-inf above the diagonal)."""
+    allowed = torch.ones(length, source, dtype=torch.bool, device=device).tril()
+    return _additive(allowed, dtype, masked_when=False)
+
+
 def _additive(mask: torch.Tensor, dtype: torch.dtype, masked_when: bool) -> torch.Tensor:
     """A boolean mask as an additive one (-inf where ``mask == masked_when``); a float mask as is."""
     if mask.dtype != torch.bool:
@@ -214,8 +220,7 @@ class _Recorder(TorchFunctionMode):
         length, source = query.shape[-2], key.shape[-2]
         bias = None
         if a["is_causal"]:
-            allowed = torch.ones(length, source, dtype=torch.bool, device=query.device).tril()
-            bias = _additive(allowed, query.dtype, masked_when=False)
+            bias = _causal(length, source, query.dtype, query.device)
         mask = a["attn_mask"]
         if mask is not None:
             # SDPA's boolean mask says where attention is allowed (True); a float mask is added.
@@ -262,8 +267,7 @@ class _Recorder(TorchFunctionMode):
             extra = _additive(mask, q.dtype, masked_when=True)
             bias = extra.reshape(batch, heads, length, source) if extra.dim() == 3 else extra
         elif a["is_causal"]:
-            allowed = torch.ones(length, source, dtype=torch.bool, device=q.device).tril()
-            bias = _additive(allowed, q.dtype, masked_when=False)
+            bias = _causal(length, source, q.dtype, q.device)
         if key_padding is not None:
             extra = _additive(key_padding, q.dtype, masked_when=True).reshape(batch, 1, 1, source)
             bias = extra if bias is None else bias + extra

@@ -61,7 +61,6 @@ class _Record:
     kind: str
     shape: tuple[int, ...] | None = None
     calls: int = 0
-    done_at: int = -1  # completion index of the first call
 
 
 @dataclass
@@ -69,16 +68,6 @@ class _AttentionCall:
     name: str
     input_id: int | None
     completed_before: int  # how many modules had completed when the attention started
-
-
-def _grid(layout: layouts.Layout, shape: tuple[int, ...]) -> tuple[int, int] | None:
-    if layout.kind == layouts.TOKENS:
-        return layout.grid
-    if layout.kind == layouts.CHANNELS_FIRST:
-        return (shape[2], shape[3])
-    if layout.kind == layouts.CHANNELS_LAST:
-        return (shape[1], shape[2])
-    return None
 
 
 def _read(
@@ -93,8 +82,6 @@ def _read(
     shape = record.shape
     if shape is None:
         return None, None, "not a tensor"
-    if len(shape) < 3 or shape[0] != batch:
-        return None, None, "leading axis is not the batch" if len(shape) >= 3 else "no spatial axes"
     try:
         layout = layouts.decide(
             model,
@@ -104,10 +91,11 @@ def _read(
             size,
             inside_attention=inside_attention(name, attention),
             facts=facts,
+            batch=batch,
         )
-    except GradCAMError as error:
-        return None, None, str(error).split(": ", 1)[-1].split("; pass the layout")[0]
-    return layout.describe(shape), _grid(layout, shape), None
+    except layouts.LayoutError as error:
+        return None, None, error.reason
+    return layout.describe(shape), layout.grid_of(shape), None
 
 
 def _typed(model: nn.Module, info: LayerInfo) -> bool:
@@ -116,7 +104,7 @@ def _typed(model: nn.Module, info: LayerInfo) -> bool:
     shape = info.output_shape or ()
     if len(shape) == 3:
         return True
-    return len(shape) == 4 and layouts._module_reading(model.get_submodule(info.name), shape) is not None
+    return len(shape) == 4 and layouts.module_reading(model.get_submodule(info.name), shape) is not None
 
 
 def list_layers(model: nn.Module, inputs: torch.Tensor) -> list[LayerInfo]:
@@ -136,28 +124,29 @@ def list_layers(model: nn.Module, inputs: torch.Tensor) -> list[LayerInfo]:
     calls: list[_AttentionCall] = []
     handles = []
 
-    def make_hooks(name: str, module: nn.Module):
+    def make_pre_hook(name: str):
         def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            if name in attention:
-                first = args[0] if args else next(iter(kwargs.values()), None)
-                first_id = None
-                if isinstance(first, torch.Tensor):
-                    first_id = id(first)
-                    alive.append(first)  # its id must not be reused by a later output
-                calls.append(_AttentionCall(name, first_id, len(order)))
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            first_id = None
+            if isinstance(first, torch.Tensor):
+                first_id = id(first)
+                alive.append(first)  # its id must not be reused by a later output
+            calls.append(_AttentionCall(name, first_id, len(order)))
 
+        return pre_hook
+
+    def make_hook(name: str):
         def hook(module: nn.Module, args: object, output: object) -> None:
             record = records.setdefault(name, _Record(type(module).__name__))
             record.calls += 1
             if record.calls == 1:
-                record.done_at = len(order)
                 order.append(name)
                 if isinstance(output, torch.Tensor):
                     record.shape = tuple(output.shape)
                     produced.setdefault(id(output), name)  # a module returning its input keeps the producer
                     alive.append(output)
 
-        return pre_hook, hook
+        return hook
 
     seen: set[int] = set()
     with eval_mode(model):
@@ -166,9 +155,9 @@ def list_layers(model: nn.Module, inputs: torch.Tensor) -> list[LayerInfo]:
                 if not name or id(module) in seen:
                     continue
                 seen.add(id(module))
-                pre_hook, hook = make_hooks(name, module)
-                handles.append(module.register_forward_pre_hook(pre_hook, with_kwargs=True))
-                handles.append(module.register_forward_hook(hook))
+                if name in attention:
+                    handles.append(module.register_forward_pre_hook(make_pre_hook(name), with_kwargs=True))
+                handles.append(module.register_forward_hook(make_hook(name)))
             with torch.inference_mode():
                 model(inputs)
         finally:
@@ -213,7 +202,7 @@ def choose_layer(layers: list[LayerInfo]) -> str:
     attention when the model has attention, else the last candidate in execution order."""
     feeding = [info for info in layers if info.attention_input]
     if feeding:
-        return max(feeding, key=lambda info: layers.index(info)).name
+        return feeding[-1].name
     for info in reversed(layers):
         if info.is_candidate:
             return info.name

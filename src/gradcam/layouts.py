@@ -101,14 +101,23 @@ class Layout:
             raise GradCAMError(f"layout transform must be callable, got {type(transform).__name__}")
         return cls(CUSTOM, transform=transform)
 
+    def grid_of(self, shape: tuple[int, ...]) -> tuple[int, int] | None:
+        """The (h, w) of the map this layout reads from an output of ``shape``; None for a custom one."""
+        if self.kind == TOKENS:
+            return self.grid
+        if self.kind == CHANNELS_FIRST and len(shape) == 4:
+            return (shape[2], shape[3])
+        if self.kind == CHANNELS_LAST and len(shape) == 4:
+            return (shape[1], shape[2])
+        return None
+
     def describe(self, shape: tuple[int, ...] | None = None) -> str:
         """A few words for tables: ``tokens 1+14x14``, ``channels-last 7x7``, ``channels-first 7x7``."""
-        if self.kind == TOKENS and self.grid is not None:
-            return f"tokens {self.prefix or 0}+{self.grid[0]}x{self.grid[1]}"
-        if shape is not None and len(shape) == 4 and self.kind in (CHANNELS_FIRST, CHANNELS_LAST):
-            h, w = (shape[2], shape[3]) if self.kind == CHANNELS_FIRST else (shape[1], shape[2])
-            return f"{self.kind} {h}x{w}"
-        return self.kind
+        grid = self.grid_of(shape or ())
+        if grid is None:
+            return self.kind
+        prefix = f"{self.prefix or 0}+" if self.kind == TOKENS else ""
+        return f"{self.kind} {prefix}{grid[0]}x{grid[1]}"
 
     def feature_map(self, tensor: torch.Tensor, leading: int = 0) -> torch.Tensor:
         """The (..., B, C, h, w) feature map of ``tensor`` (the layer's output, or its gradient with
@@ -260,7 +269,7 @@ _CHANNELS_FIRST_MODULES = (
 )
 
 
-def _module_reading(module: nn.Module, shape: tuple[int, ...]) -> str | None:
+def module_reading(module: nn.Module, shape: tuple[int, ...]) -> str | None:
     """The layout a 4-D output has because of what produced it, or None when the type does not say."""
     if isinstance(module, _CHANNELS_FIRST_MODULES):
         return CHANNELS_FIRST
@@ -276,11 +285,16 @@ def _module_reading(module: nn.Module, shape: tuple[int, ...]) -> str | None:
     return None
 
 
-def _how_to(name: str, shape: tuple[int, ...], why: str) -> GradCAMError:
-    return GradCAMError(
-        f"layer '{name}' outputs shape {tuple(shape)}: {why}; pass the layout (layout='channels-first', "
-        "'channels-last', 'tokens:HxW+PREFIX' or a callable; CLI --layout) or choose another layer"
-    )
+class LayoutError(GradCAMError):
+    """A layer output whose layout cannot be decided; ``reason`` says why in a few words."""
+
+    def __init__(self, name: str, shape: tuple[int, ...], reason: str) -> None:
+        super().__init__(
+            f"layer '{name}' outputs shape {tuple(shape)}: {reason}; pass the layout "
+            "(layout='channels-first', 'channels-last', 'tokens:HxW+PREFIX' or a callable; CLI --layout) "
+            "or choose another layer"
+        )
+        self.reason = reason
 
 
 def decide(
@@ -293,46 +307,48 @@ def decide(
     explicit: Layout | None = None,
     inside_attention: bool = False,
     facts: ModelFacts | None = None,
+    batch: int | None = None,
 ) -> Layout:
     """The layout of layer ``name``'s output ``shape`` for inputs of ``size`` = (H, W) (see the module
-    docstring for the rules); a one-line GradCAMError when it cannot be decided. ``shape[0]`` is the
-    batch as the caller knows it has been checked."""
+    docstring for the rules); a one-line GradCAMError when it cannot be decided (a :class:`LayoutError`
+    unless an explicit layout does not fit). With ``batch``, the output must lead with it (a custom
+    layout transform is trusted to know its tensor)."""
     facts = facts if facts is not None else model_facts(model)
+    if explicit is not None and explicit.kind == CUSTOM:
+        return explicit
+    if batch is not None and (not shape or shape[0] != batch):
+        why = f"its leading axis is not the batch of {batch} (windows or heads folded into it)"
+        raise LayoutError(name, shape, why)
     if explicit is not None:
         return _complete(explicit, name, shape, size, facts)
     if len(shape) == 3:
         return _token_layout(name, shape, size, facts)
     if len(shape) != 4:
-        return _refuse_rank(name, shape)
+        raise LayoutError(name, shape, "expected (B,C,h,w), (B,h,w,C) or tokens (B,N,D)")
     if inside_attention:
-        raise _how_to(name, shape, "it is computed inside an attention module (heads, not a feature map)")
+        why = "it is computed inside an attention module (heads, not a feature map)"
+        raise LayoutError(name, shape, why)
     readings = [
-        kind
-        for kind, grid in ((CHANNELS_FIRST, (shape[2], shape[3])), (CHANNELS_LAST, (shape[1], shape[2])))
-        if _fits_input(grid, size)
+        kind for kind in (CHANNELS_FIRST, CHANNELS_LAST) if _fits_input(Layout(kind).grid_of(shape), size)
     ]
-    by_module = _module_reading(module, shape)
+    by_module = module_reading(module, shape)
     if by_module is not None and by_module in readings:
         return Layout(by_module)
     if len(readings) == 1:
         return Layout(readings[0])
     if not readings:
         grid = f"{size[0]}x{size[1]}"
-        raise _how_to(name, shape, f"neither axes 2-3 nor 1-2 are a spatial grid of the {grid} input")
+        raise LayoutError(name, shape, f"neither axes 2-3 nor 1-2 are a spatial grid of the {grid} input")
     if not facts.is_transformer:
         return Layout.channels_first()
-    raise _how_to(name, shape, "both channels-first and channels-last fit the input")
-
-
-def _refuse_rank(name: str, shape: tuple[int, ...]) -> Layout:
-    raise _how_to(name, shape, "expected (B,C,h,w), (B,h,w,C) or tokens (B,N,D)")
+    raise LayoutError(name, shape, "both channels-first and channels-last fit the input")
 
 
 def _token_layout(name: str, shape: tuple[int, ...], size: tuple[int, int], facts: ModelFacts) -> Layout:
     tokens = shape[1]
     grids = facts.stage_grids(size)
     if not grids:
-        raise _how_to(name, shape, "the model declares no patch grid, so its tokens cannot be placed")
+        raise LayoutError(name, shape, "the model declares no patch grid, so its tokens cannot be placed")
     first = grids[0]
     extra = tokens - first[0] * first[1]
     if facts.prefix is not None and extra == facts.prefix:
@@ -344,15 +360,14 @@ def _token_layout(name: str, shape: tuple[int, ...], size: tuple[int, int], fact
             return Layout(TOKENS, grid, 0)
     declared = f"{facts.prefix} prefix + " if facts.prefix else ""
     grid = f"{first[0]}x{first[1]}"
-    raise _how_to(name, shape, f"{tokens} tokens fit neither {declared}the {grid} patch grid nor its stages")
+    why = f"{tokens} tokens fit neither {declared}the {grid} patch grid nor its stages"
+    raise LayoutError(name, shape, why)
 
 
 def _complete(
     layout: Layout, name: str, shape: tuple[int, ...], size: tuple[int, int], facts: ModelFacts
 ) -> Layout:
     """An explicit layout checked against the shape, a tokens layout's missing grid/prefix filled in."""
-    if layout.kind == CUSTOM:
-        return layout
     if layout.kind in (CHANNELS_FIRST, CHANNELS_LAST):
         if len(shape) != 4:
             raise GradCAMError(f"layer '{name}' outputs {tuple(shape)}; a {layout.kind} layout needs 4 axes")
@@ -362,7 +377,7 @@ def _complete(
     if layout.grid is None:
         found = _token_layout(name, shape, size, facts)
         if layout.prefix is not None and found.prefix != layout.prefix:
-            raise _how_to(name, shape, f"its tokens do not fit the given prefix {layout.prefix}")
+            raise LayoutError(name, shape, f"its tokens do not fit the given prefix {layout.prefix}")
         return found
     prefix = layout.prefix if layout.prefix is not None else shape[1] - layout.grid[0] * layout.grid[1]
     if prefix < 0 or prefix + layout.grid[0] * layout.grid[1] != shape[1]:

@@ -55,11 +55,11 @@ from gradcam.methods.base import (
     LayersSpec,
     _check_device,
     _check_inputs,
-    _check_logits,
     _check_not_inference,
     _is_2d,
     _target_rows,
 )
+from gradcam.targets import model_logits
 
 #: The readouts: the class token's row, the mean of the class and distillation rows, the patch rows' mean.
 CLASS_TOKEN = "class token"
@@ -145,8 +145,6 @@ class _AttentionMethod(CAM):
         counterfactual: bool = False,
         layout: object = None,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise GradCAMError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if layer is not None:
             shown = layer if isinstance(layer, str) else type(layer).__name__
             raise GradCAMError(
@@ -159,11 +157,7 @@ class _AttentionMethod(CAM):
             raise GradCAMError(
                 f"{self.method} places the tokens on the model's patch grid itself; layout does not apply"
             )
-        self.model = model
-        self.counterfactual = False
-        self._multi = False
-        self._layers = [None]
-        self._auto = {}
+        super().__init__(model)
 
     def __call__(
         self,
@@ -207,7 +201,7 @@ class _AttentionMethod(CAM):
             # A copy: a model whose first operation is in place must not rewrite the caller's tensor.
             x = inputs.detach().clone()
             with capture_attention(self.model, graph=self.uses_gradients) as (maps, run):
-                logits = _check_logits(run(x), batch)
+                logits = model_logits(run(x), batch)
                 ids = _target_rows(logits.detach(), targets, topk)  # (N, B)
                 scores = logits.gather(1, ids.T).T
                 prefix, rows = _token_rows(rule, facts, grid, maps.probs[0].shape[-1])

@@ -59,10 +59,6 @@ def _check_not_inference(model: nn.Module) -> None:
         )
 
 
-def _check_logits(output: object, batch: int) -> torch.Tensor:
-    return model_logits(output, batch)
-
-
 @dataclass(frozen=True)
 class MapContext:
     """What a method may need beyond A and G: the model, the batch and the explained classes; the
@@ -165,25 +161,22 @@ class CAM:
         if self._facts is None:
             self._facts = layouts.model_facts(self.model)
             self._attention = attention_modules(self.model)
-        found = []
-        explicit_layouts = self._explicit_layouts
-        for (name, module), activation, explicit in zip(layers, activations, explicit_layouts, strict=True):
-            shape = tuple(activation.shape)
-            if explicit is None or explicit.kind != layouts.CUSTOM:
-                _check_batch_axis(name, shape, batch)
-            found.append(
-                layouts.decide(
-                    self.model,
-                    name,
-                    module,
-                    shape,
-                    size,
-                    explicit=explicit,
-                    inside_attention=inside_attention(name, self._attention or []),
-                    facts=self._facts,
-                )
+        return [
+            layouts.decide(
+                self.model,
+                name,
+                module,
+                tuple(activation.shape),
+                size,
+                explicit=explicit,
+                inside_attention=inside_attention(name, self._attention or []),
+                facts=self._facts,
+                batch=batch,
             )
-        return found
+            for (name, module), activation, explicit in zip(
+                layers, activations, self._explicit_layouts, strict=True
+            )
+        ]
 
     def _resolved_layers(self, inputs: torch.Tensor) -> list[tuple[str, nn.Module]]:
         if self._layers != [None]:
@@ -243,7 +236,7 @@ class CAM:
             # A copy: a model whose first operation is in place must not rewrite the caller's tensor.
             x = inputs.detach().clone()
             with capture(self.model, layers) as (captured, run):
-                logits = _check_logits(run(x), batch)
+                logits = model_logits(run(x), batch)
                 activations = captured.activations
                 found = self._layouts(layers, activations, size, batch)
                 ids = _target_rows(logits.detach(), targets, topk)  # (N, B)
@@ -286,10 +279,6 @@ class CAM:
             for (n, m), layout, a in zip(layers, found, activations, strict=True)
         ]
         detached = [layout.feature_map(a.detach()) for layout, a in zip(found, activations, strict=True)]
-        for (name, _), activation in zip(layers, detached, strict=True):
-            if activation.dim() != 4:
-                got = tuple(activation.shape)
-                raise GradCAMError(f"layer '{name}': its layout gives shape {got}, expected (B,C,h,w)")
         per_layer: list[list[torch.Tensor]] = [[] for _ in layers]
         for rows, grads in self._gradient_chunks(logits, ids, scores, activations, layers[0][0]):
             for index, (activation, grad, context) in enumerate(zip(detached, grads, contexts, strict=True)):
@@ -406,14 +395,6 @@ def _layout_list(spec: object, count: int) -> list[Layout | None]:
             raise GradCAMError(f"got {len(spec)} layouts for {count} layers; expected one per layer")
         return [layouts.parse(item) for item in spec]
     return [layouts.parse(spec)] * count
-
-
-def _check_batch_axis(name: str, shape: tuple[int, ...], batch: int) -> None:
-    if not shape or shape[0] != batch:
-        raise GradCAMError(
-            f"layer '{name}' outputs shape {shape}: its leading axis is not the batch of {batch} (windows "
-            "or heads folded into it); choose a layer whose output starts with the batch"
-        )
 
 
 def _augment(inputs: torch.Tensor, flip: bool, scale: float) -> torch.Tensor:

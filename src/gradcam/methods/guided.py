@@ -20,9 +20,9 @@ from torch.overrides import TorchFunctionMode
 from gradcam.capture import eval_mode
 from gradcam.errors import GradCAMError
 from gradcam.layouts import LayoutSpec
-from gradcam.methods.base import LayerSpec, _check_device, _check_inputs, _check_logits, _check_not_inference
+from gradcam.methods.base import LayerSpec, _check_device, _check_inputs, _check_not_inference
 from gradcam.methods.gradient import GradCAM
-from gradcam.targets import TargetSpec, resolve
+from gradcam.targets import TargetSpec, model_logits, resolve
 
 # A clipped ReLU read from a call's arguments: (input, upper bound or None, in place?), or None when the
 # call is not a ReLU (a hardtanh whose lower bound is not 0).
@@ -170,7 +170,7 @@ class GuidedBackprop:
             x = inputs.detach().clone().requires_grad_(True)
             with _GuidedReLUs():
                 # A clone, not the leaf: the model may rewrite its input in place (a leading in-place ReLU).
-                logits = _check_logits(self.model(x.clone()), inputs.shape[0])
+                logits = model_logits(self.model(x.clone()), inputs.shape[0])
             ids = resolve(logits.detach(), targets)
             scores = logits.gather(1, ids[:, None])[:, 0]
             if not scores.requires_grad:
