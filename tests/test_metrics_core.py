@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from gradcam.errors import GradCAMError
-from gradcam.metrics.baselines import center_map, random_map, sobel_map
+from gradcam.methods.maps import center_map, random_map, sobel_map
 from gradcam.metrics.confidence import ConfidenceChange, confidence_change, win_percentage
 from gradcam.metrics.localization import (
     boxes_from_map,

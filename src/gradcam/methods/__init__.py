@@ -1,8 +1,8 @@
-"""Explanation methods, one small module per family, and a registry by CLI name."""
+"""Explanation methods, one small module per family; :mod:`gradcam.methods.registry` lists them all."""
 
 from __future__ import annotations
 
-from gradcam.errors import GradCAMError
+from gradcam.methods import registry
 from gradcam.methods.attention import AttentionRollout, GenericAttention
 from gradcam.methods.base import CAM, MapContext
 from gradcam.methods.baseline import RandomCAM
@@ -11,38 +11,22 @@ from gradcam.methods.gradient import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCA
 from gradcam.methods.guided import GuidedBackprop, GuidedGradCAM
 from gradcam.methods.score import AblationCAM, ScoreCAM
 
-_REGISTRY: dict[str, type[CAM]] = {
-    "gradcam": GradCAM,
-    "gradcam++": GradCAMPlusPlus,
-    "xgradcam": XGradCAM,
-    "hirescam": HiResCAM,
-    "layercam": LayerCAM,
-    "scorecam": ScoreCAM,
-    "ablationcam": AblationCAM,
-    "eigencam": EigenCAM,
-    "eigengradcam": EigenGradCAM,
-    "randomcam": RandomCAM,
-    "rollout": AttentionRollout,
-    "chefer": GenericAttention,
-}
-
 
 def names() -> list[str]:
-    """CLI names of the available methods."""
-    return list(_REGISTRY)
+    """Names of the methods whose call returns an :class:`~gradcam.Explanation` (CAM, attention and the
+    random CAM); :func:`gradcam.methods.registry.names` lists every method."""
+    return [entry.name for entry in registry.entries() if entry.is_cam]
 
 
 def describe(name: str) -> str:
-    """One line saying what a method is: the first line of its docstring."""
-    return " ".join((get(name).__doc__ or name).split("\n\n")[0].split())
+    """One line saying what a method is, with its paper (from the registry)."""
+    return registry.describe(name)
 
 
 def get(name: str) -> type[CAM]:
-    """The method class registered under ``name`` (e.g. "gradcam")."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise GradCAMError(f"method '{name}' not found; available: {', '.join(_REGISTRY)}") from None
+    """The CAM class registered under ``name`` (e.g. "gradcam")."""
+    entry = registry.get(name, names())
+    return entry.build  # type: ignore[return-value]
 
 
 __all__ = [
@@ -63,6 +47,7 @@ __all__ = [
     "ScoreCAM",
     "XGradCAM",
     "describe",
+    "registry",
     "get",
     "names",
 ]

@@ -16,7 +16,7 @@ from gradcam import methods
 from gradcam.errors import GradCAMError
 from gradcam.layouts import LayoutSpec
 from gradcam.methods import GuidedBackprop, GuidedGradCAM, RandomCAM
-from gradcam.metrics import baselines
+from gradcam.methods import maps as baselines
 
 Saliency = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

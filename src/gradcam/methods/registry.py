@@ -1,0 +1,166 @@
+"""The one list of explanation methods: every front end finds, lists and describes methods here.
+
+timm-style: an entry names the method, says what kind it is, whether it is slow, and gives a one-line
+description with its paper. ``gradcam methods``, ``/v1/methods``, ``--guided``, the trust study and
+``gradcam evaluate`` all read it; no other list of methods exists.
+
+Kinds:
+
+- ``cam``: a class-activation map of one layer (:class:`gradcam.methods.CAM` subclasses);
+- ``attention``: a map read from a transformer's attention (rollout, Chefer);
+- ``pixel``: input-resolution gradients (Guided Backpropagation, Guided Grad-CAM);
+- ``baseline``: what a method has to beat: random channel weights on the layer (``randomcam``), and the
+  model-free maps ``random``, ``center`` and ``sobel`` (:mod:`gradcam.methods.maps`), which need no model
+  and are offered by the evaluation only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from gradcam.errors import GradCAMError
+from gradcam.methods.attention import AttentionRollout, GenericAttention
+from gradcam.methods.base import CAM
+from gradcam.methods.baseline import RandomCAM
+from gradcam.methods.eigen import EigenCAM, EigenGradCAM
+from gradcam.methods.gradient import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+from gradcam.methods.guided import GuidedBackprop, GuidedGradCAM
+from gradcam.methods.maps import center_map, random_map, sobel_map
+from gradcam.methods.score import AblationCAM, ScoreCAM
+
+Kind = Literal["cam", "attention", "pixel", "baseline"]
+KINDS: tuple[Kind, ...] = ("cam", "attention", "pixel", "baseline")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One registered method.
+
+    Attributes:
+        name: the name every front end accepts (``--method``, ``"method"`` in the API).
+        kind: see the module docstring.
+        build: the class (a :class:`CAM` subclass, :class:`GuidedBackprop`, :class:`GuidedGradCAM`) or,
+            for a model-free baseline, the map function of :mod:`gradcam.methods.maps`.
+        description: one line: what it is and its paper.
+        slow: one forward per channel of the layer and image (minutes on a CPU); a server offers it only
+            when told to.
+    """
+
+    name: str
+    kind: Kind
+    build: Callable[..., Any]
+    description: str
+    slow: bool = False
+
+    @property
+    def needs_model(self) -> bool:
+        """False for the model-free baselines: they cannot explain a prediction, only be compared."""
+        return isinstance(self.build, type)
+
+    @property
+    def is_cam(self) -> bool:
+        """True for the methods whose call returns an :class:`~gradcam.Explanation` of a layer or of the
+        attention (every kind but ``pixel`` and the model-free baselines)."""
+        return isinstance(self.build, type) and issubclass(self.build, CAM)
+
+
+_ENTRIES: tuple[Method, ...] = (
+    Method(
+        "gradcam", "cam", GradCAM, "Grad-CAM (Selvaraju et al., ICCV 2017): ReLU(sum_k mean(dy/dA^k) A^k)"
+    ),
+    Method(
+        "gradcam++", "cam", GradCAMPlusPlus,
+        "Grad-CAM++ (Chattopadhay et al., WACV 2018): higher-order weights of the positive gradients",
+    ),
+    Method("xgradcam", "cam", XGradCAM, "XGrad-CAM (Fu et al., BMVC 2020): activation-weighted gradients"),
+    Method(
+        "hirescam", "cam", HiResCAM,
+        "HiResCAM (Draelos & Carin, 2020): ReLU(sum_k dy/dA^k * A^k), element-wise, no averaging",
+    ),
+    Method("layercam", "cam", LayerCAM, "LayerCAM (Jiang et al., TIP 2021): ReLU(sum_k ReLU(dy/dA^k) * A^k)"),
+    Method(
+        "scorecam", "cam", ScoreCAM,
+        "Score-CAM (Wang et al., CVPR-W 2020): channels weighted by the confidence of masked inputs",
+        slow=True,
+    ),
+    Method(
+        "ablationcam", "cam", AblationCAM,
+        "Ablation-CAM (Desai & Ramaswamy, WACV 2020): channels weighted by the score drop when removed",
+        slow=True,
+    ),
+    Method(
+        "eigencam", "cam", EigenCAM,
+        "Eigen-CAM (Bany Muhammad & Yeasin, IJCNN 2020): first principal component of the activations",
+    ),
+    Method(
+        "eigengradcam", "cam", EigenGradCAM,
+        "Eigen-Grad-CAM: first principal component of the gradient-weighted activations",
+    ),
+    Method(
+        "rollout", "attention", AttentionRollout,
+        "Attention rollout (Abnar & Zuidema, ACL 2020): the product of head-averaged attention plus identity",
+    ),
+    Method(
+        "chefer", "attention", GenericAttention,
+        "Generic attention relevance (Chefer et al., ICCV 2021): gradient-weighted attention, accumulated",
+    ),
+    Method(
+        "guided-backprop", "pixel", GuidedBackprop,
+        "Guided Backpropagation (Springenberg et al., ICLR-W 2015): positive input gradients through ReLUs",
+    ),
+    Method(
+        "guided-gradcam", "pixel", GuidedGradCAM,
+        "Guided Grad-CAM (Selvaraju et al., ICCV 2017): Guided Backpropagation times the Grad-CAM map",
+    ),
+    Method(
+        "randomcam", "baseline", RandomCAM,
+        "Random CAM: ReLU(sum_k w_k A^k) with w_k ~ U(-1, 1), the layer's activations, no class",
+    ),
+    Method("random", "baseline", random_map, "Random map: smooth U(0, 1) noise on a grid 1/32 of the input"),
+    Method("center", "baseline", center_map, "Centre prior: a centred Gaussian, sigma 0.25 of height, width"),
+    Method(
+        "sobel", "baseline", sobel_map,
+        "Sobel edges of the picture's luma, an edge detector (Adebayo et al., NeurIPS 2018)",
+    ),
+)  # fmt: skip
+_BY_NAME = {entry.name: entry for entry in _ENTRIES}
+
+
+def entries(
+    kinds: Iterable[Kind] | None = None, *, needs_model: bool | None = None, slow: bool | None = None
+) -> list[Method]:
+    """The registered methods in their listing order, optionally only of ``kinds``, only those that need
+    (or do not need) a model, only slow (or only fast) ones."""
+    wanted = set(KINDS if kinds is None else kinds)
+    return [
+        entry
+        for entry in _ENTRIES
+        if entry.kind in wanted
+        and (needs_model is None or entry.needs_model == needs_model)
+        and (slow is None or entry.slow == slow)
+    ]
+
+
+def names(kinds: Iterable[Kind] | None = None, *, needs_model: bool | None = None) -> list[str]:
+    """Names of :func:`entries` with the same filters."""
+    return [entry.name for entry in entries(kinds, needs_model=needs_model)]
+
+
+def get(name: str, offered: Iterable[str] | None = None, *, hint: str = "") -> Method:
+    """The entry registered as ``name``; a one-line GradCAMError listing the choices when it is not one
+    (or not among ``offered``, when given; ``hint`` is added for a known method left out)."""
+    choices = list(offered) if offered is not None else list(_BY_NAME)
+    entry = _BY_NAME.get(name) if isinstance(name, str) else None
+    if entry is None or entry.name not in choices:
+        shown = name if len(str(name)) <= 60 else str(name)[:60] + "..."
+        known = " not offered" if entry is not None else " not found"
+        extra = hint if entry is not None and hint else ""
+        raise GradCAMError(f"method '{shown}'{known}{extra}; choose from {', '.join(choices)}")
+    return entry
+
+
+def describe(name: str) -> str:
+    """The one-line description of ``name``."""
+    return get(name).description
