@@ -18,6 +18,11 @@ MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 _SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
+def image_extensions() -> set[str]:
+    """Lower-case file extensions Pillow can read (".jpg", ".png", ...)."""
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB; transparency is composited onto white."""
     if image.mode in _SIXTEEN_BIT:

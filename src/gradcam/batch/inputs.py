@@ -7,16 +7,10 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from PIL import Image
-
 from gradcam.errors import GradCAMError
+from gradcam.io import image_extensions
 
 _GLOB_CHARACTERS = set("*?[")
-
-
-def image_extensions() -> set[str]:
-    """Lower-case file extensions Pillow can read (".jpg", ".png", ...)."""
-    return {ext.lower() for ext in Image.registered_extensions()}
 
 
 def _expand(spec: str, extensions: set[str], from_list: bool) -> list[Path]:

@@ -17,8 +17,7 @@ from gradcam.batch.explain import BatchResult, Explainer, explain_batch
 from gradcam.batch.manifest import RunLog
 from gradcam.batch.writer import ShardWriter, output_stem, write_map, write_overlay
 from gradcam.metrics.localization import boxes_from_map
-from gradcam.metrics.scoring import model_device
-from gradcam.models import LoadedModel
+from gradcam.models import LoadedModel, model_device
 
 
 @dataclass

@@ -38,8 +38,8 @@ from gradcam.cli.common import (
 )
 from gradcam.errors import GradCAMError, ImageLoadError
 from gradcam.files import atomic_write_bytes
-from gradcam.metrics.annotations import load_annotations
 from gradcam.methods.maps import unnormalise
+from gradcam.metrics.annotations import load_annotations
 from gradcam.metrics.evaluation import EvaluationSettings, evaluate
 from gradcam.metrics.report import write_evaluation
 from gradcam.metrics.road import DEFAULT_FRACTIONS

@@ -155,9 +155,9 @@ def get(name: str, offered: Iterable[str] | None = None, *, hint: str = "") -> M
     entry = _BY_NAME.get(name) if isinstance(name, str) else None
     if entry is None or entry.name not in choices:
         shown = name if len(str(name)) <= 60 else str(name)[:60] + "..."
-        known = " not offered" if entry is not None else " not found"
-        extra = hint if entry is not None and hint else ""
-        raise GradCAMError(f"method '{shown}'{known}{extra}; choose from {', '.join(choices)}")
+        if entry is None:
+            raise GradCAMError(f"method '{shown}' not found; available: {', '.join(choices)}")
+        raise GradCAMError(f"method '{shown}' not offered{hint}; choose from {', '.join(choices)}")
     return entry
 
 

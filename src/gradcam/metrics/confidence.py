@@ -22,7 +22,8 @@ from torch import nn
 
 from gradcam.errors import GradCAMError
 from gradcam.metrics.perturbation import check_batch
-from gradcam.metrics.scoring import DEFAULT_BATCH_SIZE, model_device, target_probabilities
+from gradcam.metrics.scoring import DEFAULT_BATCH_SIZE, target_probabilities
+from gradcam.models.base import model_device
 
 
 @dataclass(frozen=True)

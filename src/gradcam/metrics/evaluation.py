@@ -32,8 +32,8 @@ from gradcam.metrics.confidence import ConfidenceChange, confidence_change, win_
 from gradcam.metrics.perturbation import deletion, insertion
 from gradcam.metrics.road import DEFAULT_FRACTIONS, road_curves
 from gradcam.metrics.saliency import BASELINES, make_saliency, names
-from gradcam.metrics.scoring import model_device, predict
-from gradcam.models import LoadedModel
+from gradcam.metrics.scoring import predict
+from gradcam.models import LoadedModel, model_device
 
 TARGET_MODES = ("annotated", "predicted")
 

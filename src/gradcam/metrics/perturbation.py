@@ -25,7 +25,8 @@ from torch import nn
 from torchvision.transforms.v2 import functional as TF
 
 from gradcam.errors import GradCAMError
-from gradcam.metrics.scoring import DEFAULT_BATCH_SIZE, model_device, score_stream
+from gradcam.metrics.scoring import DEFAULT_BATCH_SIZE, score_stream
+from gradcam.models.base import model_device
 
 #: RISE's blur for the insertion baseline.
 BLUR_KERNEL = 11

@@ -9,16 +9,11 @@ from torch import nn
 
 from gradcam.capture import eval_mode
 from gradcam.errors import GradCAMError
+from gradcam.models.base import model_device
 from gradcam.targets import model_logits
 
 #: Images scored per forward pass by the perturbation metrics unless told otherwise.
 DEFAULT_BATCH_SIZE = 32
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (the CPU for a model without parameters)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
 
 
 @torch.no_grad()

@@ -23,7 +23,7 @@ from types import ModuleType
 
 from gradcam.errors import GradCAMError
 from gradcam.models import efficientnet_lite, torchvision_zoo
-from gradcam.models.base import LoadedModel, Preprocess
+from gradcam.models.base import LoadedModel, Preprocess, model_device
 
 DEFAULT = "efficientnet-lite0"
 ZOO_EXTRA = "pip install 'gradcam[zoo]'"
@@ -170,6 +170,7 @@ __all__ = [
     "available",
     "check",
     "load",
+    "model_device",
     "names",
     "zoo_installed",
     "zoo_note",

@@ -13,6 +13,12 @@ from torchvision.transforms import v2 as T
 from torchvision.transforms.functional import InterpolationMode
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (the CPU for a model without parameters)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
 @dataclass(frozen=True)
 class Preprocess:
     """PIL image -> normalised float tensor (3,H,W), in two steps.

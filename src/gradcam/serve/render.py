@@ -23,8 +23,7 @@ from gradcam.errors import GradCAMError
 from gradcam.explanation import Explanation
 from gradcam.methods import CAM
 from gradcam.methods.guided import GuidedBackprop
-from gradcam.metrics.scoring import model_device
-from gradcam.models import LoadedModel
+from gradcam.models import LoadedModel, model_device
 
 GUIDED = ("guided-backprop", "guided-gradcam")
 #: Every method the service can offer.

@@ -28,8 +28,7 @@ from gradcam.batch.inputs import collect_images
 from gradcam.errors import GradCAMError, ImageLoadError
 from gradcam.io import load_image
 from gradcam.metrics.annotations import load_annotations
-from gradcam.metrics.scoring import model_device
-from gradcam.models import LoadedModel
+from gradcam.models import LoadedModel, model_device
 from gradcam.serve.models import ModelPool
 from gradcam.serve.render import GUIDED, check_method, render
 from gradcam.serve.study.store import NewPair

@@ -18,8 +18,8 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Response, status
 from fastapi import Path as PathParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from gradcam.batch.inputs import image_extensions
 from gradcam.errors import GradCAMError
+from gradcam.io import image_extensions
 from gradcam.serve.models import ModelPool
 from gradcam.serve.study import pairs as selection
 from gradcam.serve.study.results import ratings_csv, results_dict, summarise
