@@ -126,6 +126,21 @@ def _additive(mask: torch.Tensor, dtype: torch.dtype, masked_when: bool) -> torc
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(blocked, float("-inf"))
 
 
+def _check_one_map(name: str, count: int) -> None:
+    """Refuse an attention module's call that recorded ``count`` maps, unless exactly one."""
+    if count == 0:
+        raise GradCAMError(
+            f"attention module '{name}' ran but no attention probabilities were seen (it calls "
+            "neither F.scaled_dot_product_attention, nn.MultiheadAttention nor a softmax over "
+            "the keys); rollout and chefer cannot read this implementation"
+        )
+    if count > 1:
+        raise GradCAMError(
+            f"attention module '{name}' computed {count} attention maps in one call; rollout "
+            "and chefer need one (B, heads, N, N) map per block"
+        )
+
+
 class _Recorder(TorchFunctionMode):
     """Active only during the captured forward. Reroutes ``F.scaled_dot_product_attention`` and
     ``F.multi_head_attention_forward`` to explicit softmax(QK^T * scale + mask) V whose probabilities are
@@ -136,7 +151,8 @@ class _Recorder(TorchFunctionMode):
         self.maps = maps
         self.graph = graph
         self.batch = batch
-        self.stack: list[str] = []
+        self.stack: list[str] = []  # the attention modules running, innermost last
+        self.starts: list[int] = []  # for each of them, how many maps were recorded when it started
         self.graph_started = False
 
     # -- what counts as global self-attention --------------------------------------------------------------
@@ -187,6 +203,26 @@ class _Recorder(TorchFunctionMode):
 
     def _where(self) -> str:
         return self.stack[-1] if self.stack else "scaled_dot_product_attention"
+
+    # -- which attention module is running -----------------------------------------------------------------
+
+    def entering(self, name: str) -> Callable[..., None]:
+        """The forward pre-hook of attention module ``name``: it is now running."""
+
+        def hook(module: nn.Module, args: object) -> None:
+            self.stack.append(name)
+            self.starts.append(len(self.maps.probs))
+
+        return hook
+
+    def leaving(self, name: str) -> Callable[..., None]:
+        """The forward hook of attention module ``name``: it has ended, having recorded exactly one map."""
+
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            self.stack.pop()
+            _check_one_map(name, len(self.maps.probs) - self.starts.pop())
+
+        return hook
 
     # -- explicit attention --------------------------------------------------------------------------------
 
@@ -369,37 +405,10 @@ def capture_attention(
             raise GradCAMError("capture_attention records one forward pass; run it once per block")
         used[0] = True
         recorder = _Recorder(maps, graph, int(inputs.shape[0]) if batch is None else batch)
-
-        def enter(name: str) -> Callable[..., None]:
-            def hook(module: nn.Module, args: object) -> None:
-                recorder.stack.append(name)
-                starts.append(len(maps.probs))
-
-            return hook
-
-        def leave(name: str) -> Callable[..., None]:
-            def hook(module: nn.Module, args: object, output: object) -> None:
-                recorder.stack.pop()
-                count = len(maps.probs) - starts.pop()
-                if count == 0:
-                    raise GradCAMError(
-                        f"attention module '{name}' ran but no attention probabilities were seen (it calls "
-                        "neither F.scaled_dot_product_attention, nn.MultiheadAttention nor a softmax over "
-                        "the keys); rollout and chefer cannot read this implementation"
-                    )
-                if count > 1:
-                    raise GradCAMError(
-                        f"attention module '{name}' computed {count} attention maps in one call; rollout "
-                        "and chefer need one (B, heads, N, N) map per block"
-                    )
-
-            return hook
-
-        starts: list[int] = []
         try:
             for name, module in modules:
-                handles.append(module.register_forward_pre_hook(enter(name)))
-                handles.append(module.register_forward_hook(leave(name)))
+                handles.append(module.register_forward_pre_hook(recorder.entering(name)))
+                handles.append(module.register_forward_hook(recorder.leaving(name)))
             with torch.no_grad(), recorder:
                 output = model(inputs)
         finally:

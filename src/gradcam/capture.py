@@ -92,6 +92,34 @@ def _check_activation(name: str, output: object) -> torch.Tensor:
     return output
 
 
+def _graph_copy(activation: torch.Tensor) -> torch.Tensor:
+    """The tensor kept as a layer's activation: a copy of the layer's output in the head-only graph."""
+    if not activation.requires_grad:
+        # A root of the head-only graph: the first captured layer (nothing before it was recorded), or a
+        # later one on a branch that no captured layer feeds.
+        return activation.detach().clone().requires_grad_(True)
+    return activation.clone()
+
+
+def _check_forward(names: list[str], calls: list[int], produced: list[tuple[str, torch.Tensor, int]]) -> None:
+    """Refuse a hooked forward whose captured outputs were rewritten in place afterwards, or in which a
+    captured layer did not run."""
+    for name, tensor, version in produced:
+        if tensor._version != version:
+            # The model rewrote the layer's output in place through another reference to it (a layer that
+            # returns its input, say). The forward went on with a copy, so the scores would not be the
+            # model's: refuse rather than explain another function.
+            raise GradCAMError(
+                f"layer '{name}': its output is modified in place later in the forward through "
+                "another reference; choose the layer after that in-place operation"
+            )
+    missing = [n for n, c in zip(names, calls, strict=True) if c == 0]
+    if missing:
+        raise GradCAMError(
+            f"layer '{missing[0]}' did not run during the forward pass; choose a module that the model calls"
+        )
+
+
 @contextmanager
 def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Iterator[tuple[Capture, Runner]]:
     """Hook ``layers`` for one forward pass.
@@ -120,12 +148,7 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Iterat
                 )
             activation = _check_activation(name, output)
             produced.append((name, activation, activation._version))
-            if not activation.requires_grad:
-                # A root of the head-only graph: the first captured layer (nothing before it was
-                # recorded), or a later one on a branch that no captured layer feeds.
-                activation = activation.detach().clone().requires_grad_(True)
-            else:
-                activation = activation.clone()
+            activation = _graph_copy(activation)
             if not graph_started:
                 torch.set_grad_enabled(True)
                 graph_started = True
@@ -145,21 +168,7 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Iterat
             # One forward is all the hooks are for: later forwards in the block (Score-CAM's) run clean.
             for handle in handles:
                 handle.remove()
-        for name, tensor, version in produced:
-            if tensor._version != version:
-                # The model rewrote the layer's output in place through another reference to it (a layer
-                # that returns its input, say). The forward went on with a copy, so the scores would not
-                # be the model's: refuse rather than explain another function.
-                raise GradCAMError(
-                    f"layer '{name}': its output is modified in place later in the forward through "
-                    "another reference; choose the layer after that in-place operation"
-                )
-        missing = [n for n, c in zip(result.names, calls, strict=True) if c == 0]
-        if missing:
-            raise GradCAMError(
-                f"layer '{missing[0]}' did not run during the forward pass; "
-                "choose a module that the model calls"
-            )
+        _check_forward(result.names, calls, produced)
         result.output = output
         return output
 

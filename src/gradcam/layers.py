@@ -21,7 +21,8 @@ class-specific, spatially resolved parts of the image. We make that precise and 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
@@ -107,6 +108,71 @@ def _typed(model: nn.Module, info: LayerInfo) -> bool:
     return len(shape) == 4 and layouts.module_reading(model.get_submodule(info.name), shape) is not None
 
 
+@dataclass
+class _Trace:
+    """What one hooked forward saw: a record of each module that ran, in completion order, which module
+    first produced each output tensor, and the attention calls with the tensor each received."""
+
+    records: dict[str, _Record] = field(default_factory=dict)
+    order: list[str] = field(default_factory=list)
+    produced: dict[int, str] = field(default_factory=dict)
+    alive: list[torch.Tensor] = field(default_factory=list)  # keeps the ids in ``produced`` unique
+    calls: list[_AttentionCall] = field(default_factory=list)
+
+    def attention_hook(self, name: str) -> Callable[..., None]:
+        """The forward pre-hook (with kwargs) of attention module ``name``."""
+
+        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            first = args[0] if args else next(iter(kwargs.values()), None)
+            first_id = None
+            if isinstance(first, torch.Tensor):
+                first_id = id(first)
+                self.alive.append(first)  # its id must not be reused by a later output
+            self.calls.append(_AttentionCall(name, first_id, len(self.order)))
+
+        return pre_hook
+
+    def module_hook(self, name: str) -> Callable[..., None]:
+        """The forward hook of module ``name``."""
+
+        def hook(module: nn.Module, args: object, output: object) -> None:
+            record = self.records.setdefault(name, _Record(type(module).__name__))
+            record.calls += 1
+            if record.calls == 1:
+                self.order.append(name)
+                if isinstance(output, torch.Tensor):
+                    record.shape = tuple(output.shape)
+                    # A module returning its input leaves the tensor to the module that produced it.
+                    self.produced.setdefault(id(output), name)
+                    self.alive.append(output)
+
+        return hook
+
+
+def _trace(model: nn.Module, inputs: torch.Tensor, attention: list[str]) -> _Trace:
+    """One inference forward in eval mode with every submodule hooked (each module once, also when it is
+    registered under several names); the hooks are removed and the flags restored, also on error."""
+    trace = _Trace()
+    handles = []
+    seen: set[int] = set()
+    with eval_mode(model):
+        try:
+            for name, module in model.named_modules():
+                if not name or id(module) in seen:
+                    continue
+                seen.add(id(module))
+                if name in attention:
+                    hook = trace.attention_hook(name)
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+                handles.append(module.register_forward_hook(trace.module_hook(name)))
+            with torch.inference_mode():
+                model(inputs)
+        finally:
+            for handle in handles:
+                handle.remove()
+    return trace
+
+
 def list_layers(model: nn.Module, inputs: torch.Tensor) -> list[LayerInfo]:
     """Run one inference forward on ``inputs`` and list every submodule in the order it completed.
 
@@ -116,62 +182,17 @@ def list_layers(model: nn.Module, inputs: torch.Tensor) -> list[LayerInfo]:
     """
     if not isinstance(inputs, torch.Tensor):
         raise GradCAMError(f"inputs must be a tensor, got {type(inputs).__name__}")
-    records: dict[str, _Record] = {}
-    order: list[str] = []
-    produced: dict[int, str] = {}
-    alive: list[torch.Tensor] = []  # keeps the ids in ``produced`` unique for the length of the forward
     attention = attention_modules(model)
-    calls: list[_AttentionCall] = []
-    handles = []
-
-    def make_pre_hook(name: str):
-        def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            first = args[0] if args else next(iter(kwargs.values()), None)
-            first_id = None
-            if isinstance(first, torch.Tensor):
-                first_id = id(first)
-                alive.append(first)  # its id must not be reused by a later output
-            calls.append(_AttentionCall(name, first_id, len(order)))
-
-        return pre_hook
-
-    def make_hook(name: str):
-        def hook(module: nn.Module, args: object, output: object) -> None:
-            record = records.setdefault(name, _Record(type(module).__name__))
-            record.calls += 1
-            if record.calls == 1:
-                order.append(name)
-                if isinstance(output, torch.Tensor):
-                    record.shape = tuple(output.shape)
-                    produced.setdefault(id(output), name)  # a module returning its input keeps the producer
-                    alive.append(output)
-
-        return hook
-
-    seen: set[int] = set()
-    with eval_mode(model):
-        try:
-            for name, module in model.named_modules():
-                if not name or id(module) in seen:
-                    continue
-                seen.add(id(module))
-                if name in attention:
-                    handles.append(module.register_forward_pre_hook(make_pre_hook(name), with_kwargs=True))
-                handles.append(module.register_forward_hook(make_hook(name)))
-            with torch.inference_mode():
-                model(inputs)
-        finally:
-            for handle in handles:
-                handle.remove()
+    trace = _trace(model, inputs, attention)
     size = (int(inputs.shape[-2]), int(inputs.shape[-1]))
     facts = layouts.model_facts(model)
     infos = []
-    for name in order:
-        record = records[name]
+    for name in trace.order:
+        record = trace.records[name]
         layout, grid, reason = _read(model, name, record, size, len(inputs), facts, attention)
         infos.append(LayerInfo(name, record.kind, record.shape, record.calls, layout, grid, reason))
     typed = {info.name for info in infos if info.is_candidate and _typed(model, info)}
-    return _mark_attention_inputs(infos, calls, produced, typed)
+    return _mark_attention_inputs(infos, trace.calls, trace.produced, typed)
 
 
 def _mark_attention_inputs(
