@@ -6,7 +6,8 @@ power) can therefore leave at most a partial last line, which the next run cuts 
 line, which the next run writes again (atomically). Each line says how many targets its image has
 (``of``), so an image is done when all its lines are there; a rerun skips it and finishes the rest
 without writing any line twice. Writes killed mid-way leave only temporary files, which the next run
-deletes; ``DIR/.lock`` keeps two runs from writing into one folder at the same time.
+deletes; ``DIR/.lock`` keeps two runs from writing into one folder at the same time. Whoever reads
+these files, the run or a report on it, reads them with :func:`read_jsonl`.
 """
 
 from __future__ import annotations
@@ -41,21 +42,31 @@ def _lock(out: Path) -> IO[bytes]:
     return handle
 
 
-def _read_lines(path: Path) -> list[dict]:
-    """The complete JSON lines of ``path``; a trailing partial line (a crash mid-write) is cut off."""
+def read_jsonl(path: Path, *, truncate: bool = False) -> list[dict]:
+    """The records of a JSON-lines file written by this module's crash-safe protocol: the JSON objects
+    of its complete lines, in order.
+
+    A line is complete when its ``\\n`` is there: a trailing partial line (a crash mid-write) is ignored,
+    and with ``truncate=True`` also cut off the file, which only the run that holds the folder's lock
+    may do (it appends after it). Blank, garbled or non-UTF-8 lines (a crash of an earlier run), and
+    lines that are not JSON objects, are skipped. A missing file has no records. Without ``truncate``
+    the file is only read, as a report on the run must.
+    """
     if not path.exists():
         return []
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1
-    if end < len(data):
+    if truncate and end < len(data):
         with open(path, "r+b") as handle:
             handle.truncate(end)
     records = []
     for line in data[:end].splitlines():
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line garbled by a crash of an earlier run is written again by this one
+            value = json.loads(line)
+        except ValueError:  # JSONDecodeError, or bytes that are not UTF-8; a run writes the line again
+            continue
+        if isinstance(value, dict):
+            records.append(value)
     return records
 
 
@@ -131,14 +142,15 @@ class RunLog:
             self.errors_path.unlink(missing_ok=True)
         remove_stale_temporaries(out)
         atomic_write_bytes(run_path, (json.dumps(settings, indent=2, sort_keys=True) + "\n").encode())
-        self.records = _read_lines(self.manifest_path)
+        self.records = read_jsonl(self.manifest_path, truncate=True)
         self._written = {(r["key"], r["target"]) for r in self.records}
         counts: dict[str, int] = {}
         for r in self.records:
             counts[r["key"]] = counts.get(r["key"], 0) + 1
         self.done = {r["key"] for r in self.records if counts[r["key"]] >= r["of"]}
         # Inputs that failed before are tried again; they are listed again if they fail again.
-        self.errors = {e["key"]: e for e in _read_lines(self.errors_path) if e.get("key") not in self.done}
+        previous = read_jsonl(self.errors_path, truncate=True)
+        self.errors = {e["key"]: e for e in previous if e.get("key") not in self.done}
 
     def written(self, key: str, target: int) -> bool:
         """True when the manifest already has this image and target."""
