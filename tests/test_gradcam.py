@@ -210,6 +210,21 @@ def test_follows_the_input_dtype_and_layer_given_as_module() -> None:
     by_name = gradcam.GradCAM(model, "layer4")(x, 4)
     assert by_module.layer == "layer4"
     assert torch.equal(by_module.raw, by_name.raw)
+    # A float64 model and input are explained in float64; every Explanation holds float32 maps, scores,
+    # probabilities and logits (and long targets) whatever the input's dtype.
+    double = copy.deepcopy(model).double()
+    in_double = gradcam.GradCAM(double, "layer4")(x.double(), 4)
+    for explained in (by_module, in_double):
+        for name in ("raw", "maps", "scores", "probs", "logits"):
+            assert getattr(explained, name).dtype == torch.float32, name
+        assert explained.targets.dtype == torch.long
+    # Computed in float64: within float32 rounding of the float64 reference (a float32 pass is ~1e-5 off).
+    reference = captum_map(double, double.layer4, x.double(), [4])
+    assert_close(in_double.raw.double(), reference, rel=3e-7)
+    assert_close(by_module.raw.double(), reference, rel=1e-4)
+    # Guided Backprop returns the input's dtype.
+    assert gradcam.GuidedBackprop(double)(x.double(), [4]).dtype == torch.float64
+    assert gradcam.GuidedBackprop(model)(x, [4]).dtype == torch.float32
 
 
 @pytest.fixture
@@ -222,6 +237,7 @@ def no_tf32():
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+# A GPU is hardware, not a tool the set-up installs: this skips without one, also under GRADCAM_REQUIRE_ALL=1.
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_inputs_match_cpu(no_tf32) -> None:
     model = torchvision.models.resnet18(num_classes=10).eval()
