@@ -76,6 +76,8 @@ def test_health_models_labels_and_methods_describe_what_is_served(client, lite0)
     methods = {m["name"]: m for m in client.get("/v1/methods").json()["methods"]}
     assert {"gradcam", "gradcam++", "layercam", "guided-backprop", "guided-gradcam"} <= set(methods)
     assert methods["guided-gradcam"]["guided"] and not methods["gradcam"]["guided"]
+    assert (methods["guided-gradcam"]["kind"], methods["gradcam"]["kind"]) == ("pixel", "cam")
+    assert not any(m["slow"] for m in methods.values()) and "sobel" not in methods  # needs no model
     assert "scorecam" not in methods and "ablationcam" not in methods  # minutes per image: opt-in
     refused = post(client, {"method": "scorecam"})
     assert refused.status_code == 422 and "--slow-methods" in refused.json()["detail"]
@@ -108,15 +110,13 @@ def test_explain_matches_captum_and_an_independent_forward(client, lite0):
         )
 
 
-def test_pictures_register_with_the_frame_and_the_overlay_is_the_half_blend(client):
+def test_pictures_register_with_the_frame_and_no_overlay_is_sent(client):
     body = post(client, {"method": "gradcam++"}).json()
     picture = decode(body["picture"])
     assert picture.size == (451, 300) and body["size"] == [451, 300]  # the whole cat, its own size
     target = body["targets"][0]
-    heatmap, overlay = decode(target["heatmap"]), decode(target["overlay"])
-    assert heatmap.size == overlay.size == picture.size
-    blend = (np.asarray(picture, float) + np.asarray(heatmap, float)) / 2
-    assert np.abs(np.asarray(overlay, float) - blend).max() <= 1.0
+    assert decode(target["heatmap"]).size == picture.size
+    assert "overlay" not in target  # the browser draws the heatmap over the picture
     assert target["guided"] is None and target["raw_map"] is None  # raw only on request
 
 
@@ -124,8 +124,8 @@ def test_guided_views(client, lite0):
     guided_gradcam = post(client, {"method": "guided-gradcam"}).json()["targets"][0]
     guided_backprop = post(client, {"method": "guided-backprop"}).json()["targets"][0]
     assert decode(guided_gradcam["guided"]).size == (224, 224)  # the model's input view
-    assert guided_gradcam["overlay"] is not None
-    assert guided_backprop["heatmap"] is None and guided_backprop["overlay"] is None
+    assert guided_gradcam["heatmap"] is not None
+    assert guided_backprop["heatmap"] is None
     gg, gb = (
         np.asarray(decode(guided_gradcam["guided"]), float),
         np.asarray(decode(guided_backprop["guided"]), float),
@@ -161,7 +161,7 @@ def test_compare_two_methods_and_two_models(client):
     ("fields", "status", "words"),
     [
         ({"model": "../../etc/passwd"}, 422, "not served"),
-        ({"method": "evil"}, 422, "method 'evil' not offered"),
+        ({"method": "evil"}, 422, "method 'evil' not found"),
         ({"target": ["1"] * 11}, 422, "at most 10 classes"),
         ({"target": "--1"}, 422, "not a class name or index"),
         ({"model": "m" * 90}, 422, "'" + "m" * 60 + "...' is not served"),

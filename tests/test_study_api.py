@@ -1,5 +1,6 @@
-"""The study's HTTP API on a small FastAPI app with the study router, the real EfficientNet-Lite1 (stronger)
-and Lite0 (weaker): admin calls, the rater's walk through the pairs, every documented error, results."""
+"""The study's HTTP API (the service's routers, as create_app assembles them) with the real
+EfficientNet-Lite1 (stronger) and Lite0 (weaker): admin calls, creation as a bounded background job, the
+rater's walk through the pairs, every documented error, results."""
 
 from __future__ import annotations
 
@@ -9,22 +10,22 @@ import io
 import json
 import re
 import threading
+import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from html.parser import HTMLParser
 from pathlib import Path
 
 import html5lib
 import pytest
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from gradcam.serve.models import ModelPool
-from gradcam.serve.study.routes import study_router
-from gradcam.serve.study.schemas import SCALE
-from gradcam.serve.study.store import PairRow, StudyStore
+from gradcam.models.pool import ModelPool
+from gradcam.serve.app import ServeSettings, create_app
+from gradcam.study.scale import SCALE
+from gradcam.study.store import PairRow, StudyStore
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 STATIC = Path(__file__).resolve().parent.parent / "src" / "gradcam" / "serve" / "static"
@@ -33,10 +34,40 @@ TOKEN = "admin-secret-token"
 ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 
 
-def app_for(store: StudyStore, pool: ModelPool, root: Path | None, token: str = TOKEN) -> TestClient:
-    app = FastAPI()
-    app.include_router(study_router(store, pool, token, root))
-    return TestClient(app)
+def app_for(
+    store: StudyStore, pool: ModelPool, root: Path | None, token: str = TOKEN, *, queue: int = 4
+) -> TestClient:
+    """The service on ``store``'s database, serving ``pool``'s models (loaded once for the module)."""
+    settings = ServeSettings(
+        models=pool.names,
+        loader=lambda name, device=None: pool.get(name),
+        db_url=store.url,
+        admin_token=token,
+        study_images=root,
+        study_queue=queue,
+    )
+    return TestClient(create_app(settings))
+
+
+def wait_until(client: TestClient, study_id: str, states=("ready", "failed"), timeout: float = 300) -> dict:
+    """The admin's view of the study once its state is one of ``states``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        response = client.get(f"/v1/admin/studies/{study_id}", headers=ADMIN)
+        assert response.status_code == 200, response.text
+        if response.json()["state"] in states:
+            return response.json()
+        assert time.monotonic() < deadline, response.json()
+        time.sleep(0.05)
+
+
+def create(client: TestClient, body: dict) -> dict:
+    """POST a study (answered at once: 202, queued) and wait for its rendering to end."""
+    response = client.post("/v1/studies", json=body, headers=ADMIN)
+    assert response.status_code == 202, response.text
+    assert response.json()["state"] == "queued"
+    assert response.headers["location"] == f"/v1/admin/studies/{response.json()['id']}"
+    return wait_until(client, response.json()["id"])
 
 
 @pytest.fixture(scope="module")
@@ -91,9 +122,7 @@ BODY = {
 
 @pytest.fixture(scope="module")
 def study(client: TestClient) -> dict:
-    response = client.post("/v1/studies", json=BODY, headers=ADMIN)
-    assert response.status_code == 201, response.text
-    return response.json()
+    return create(client, BODY)
 
 
 def sides(store: StudyStore, study_id: str) -> dict[int, str]:
@@ -115,6 +144,7 @@ ADMIN_CALLS = [
     ("GET", "/v1/admin/folders"),
     ("POST", "/v1/studies"),
     ("GET", "/v1/studies"),
+    ("GET", "/v1/admin/studies/{id}"),
     ("GET", "/v1/studies/{id}/results"),
     ("GET", "/v1/studies/{id}/ratings.csv"),
 ]
@@ -174,6 +204,7 @@ def test_without_an_image_root_no_study_can_be_created(store: StudyStore, pool: 
 
 
 def test_creating_a_study_keeps_only_images_both_models_agree_on(study: dict) -> None:
+    assert (study["state"], study["done"], study["total"], study["error"]) == ("ready", 4, 4, None)
     assert study["pairs"] == 4 and study["kept"] == 2  # cat and coffee, two methods each
     assert {s["image"]: s["reason"].split(":")[0] for s in study["skipped"]} == {
         "broken.png": "unreadable",
@@ -192,11 +223,7 @@ def test_studies_are_listed_for_the_admin(client: TestClient, study: dict) -> No
 
 
 def test_annotations_filter_the_images(client: TestClient) -> None:
-    response = client.post(
-        "/v1/studies", json={**BODY, "methods": ["gradcam"], "annotations": "labels.json"}, headers=ADMIN
-    )
-    assert response.status_code == 201, response.text
-    created = response.json()
+    created = create(client, {**BODY, "methods": ["gradcam"], "annotations": "labels.json"})
     assert (created["pairs"], created["kept"], created["annotations"]) == (1, 1, "labels.json")
     reasons = {s["image"]: s["reason"] for s in created["skipped"]}
     assert reasons["coffee.png"] == "both models say 'espresso', annotated 'tabby'"
@@ -213,7 +240,7 @@ def test_annotations_filter_the_images(client: TestClient) -> None:
         ({"annotations": "cat.png"}, 404, "not found"),
         ({"weaker_model": STRONGER}, 422, "a study compares two models"),
         ({"weaker_model": "resnet18"}, 422, "not served"),
-        ({"methods": ["gradcam", "nonesuch"]}, 422, "method 'nonesuch' not offered"),
+        ({"methods": ["gradcam", "nonesuch"]}, 422, "method 'nonesuch' not found"),
         ({"folder": "empty"}, 422, "folder 'empty': no images found"),
     ],
 )
@@ -316,9 +343,7 @@ def test_a_rater_sees_every_pair_once_then_done(client: TestClient, store: Study
 
 def test_rater_errors(client: TestClient, study: dict) -> None:
     study_id = study["id"]
-    other = client.post(
-        "/v1/studies", json={**BODY, "methods": ["gradcam"], "max_images": 1}, headers=ADMIN
-    ).json()
+    other = create(client, {**BODY, "methods": ["gradcam"], "max_images": 1})
     stranger = new_rater(client, other["id"])
     rater = new_rater(client, study_id)
     pair = client.get(f"/v1/studies/{study_id}/next", params={"rater": rater}).json()["pair"]
@@ -369,15 +394,100 @@ def test_concurrent_http_ratings_store_each_once(client: TestClient, store: Stud
     assert len(store.ratings(study_id)) == before + 20
 
 
+# --------------------------------------------------------------------------- creation as a background job
+
+
+@pytest.fixture
+def gate(pool: ModelPool) -> Iterator[threading.Event]:
+    """While the event is clear, every forward of the two models waits for it (so rendering waits)."""
+    event = threading.Event()
+
+    def wait(module, args) -> None:  # a pre-hook that returns None leaves the inputs alone
+        event.wait(120)
+
+    handles = [pool.get(name).module.register_forward_pre_hook(wait) for name in pool.names]
+    try:
+        yield event
+    finally:
+        event.set()
+        for handle in handles:
+            handle.remove()
+
+
+def test_creation_answers_at_once_and_the_state_progresses_to_ready(
+    store: StudyStore, pool: ModelPool, root: Path, gate: threading.Event
+) -> None:
+    client = app_for(store, pool, root)
+    body = {**BODY, "methods": ["gradcam"], "max_images": 1}
+    started = time.perf_counter()
+    response = client.post("/v1/studies", json=body, headers=ADMIN)
+    assert response.status_code == 202 and time.perf_counter() - started < 30  # the models are held
+    queued = response.json()
+    assert (queued["state"], queued["pairs"], queued["total"]) == ("queued", 0, 4)
+    rendering = wait_until(client, queued["id"], states=("rendering",))
+    assert (rendering["done"], rendering["total"], rendering["pairs"]) == (0, 4, 0)
+    assert queued["id"] in [s["id"] for s in client.get("/v1/studies", headers=ADMIN).json()["studies"]]
+    # Raters cannot use a study that is not ready.
+    for refused in (
+        client.get(f"/v1/studies/{queued['id']}"),
+        client.post(f"/v1/studies/{queued['id']}/raters"),
+    ):
+        assert refused.status_code == 409 and "rendering, 0 of 4 images" in refused.json()["detail"]
+    gate.set()
+    ready = wait_until(client, queued["id"])
+    assert (ready["state"], ready["pairs"], ready["kept"], ready["error"]) == ("ready", 1, 1, None)
+    assert ready["done"] == ready["total"] == 4
+    assert client.get(f"/v1/studies/{queued['id']}").json()["pairs"] == 1
+
+
+def test_the_queue_is_bounded(store: StudyStore, pool: ModelPool, root: Path, gate: threading.Event) -> None:
+    client = app_for(store, pool, root, queue=1)
+    body = {**BODY, "methods": ["gradcam"], "max_images": 1}
+    running = client.post("/v1/studies", json=body, headers=ADMIN).json()
+    wait_until(client, running["id"], states=("rendering",))  # the worker has taken it off the queue
+    waiting = client.post("/v1/studies", json=body, headers=ADMIN)
+    assert waiting.status_code == 202 and waiting.json()["state"] == "queued"
+    before = len(store.list_studies())
+    refused = client.post("/v1/studies", json=body, headers=ADMIN)
+    assert refused.status_code == 503 and int(refused.headers["retry-after"]) > 0
+    assert "waiting to be rendered" in refused.json()["detail"]
+    assert len(store.list_studies()) == before  # a refused study is not stored
+    gate.set()
+    assert wait_until(client, running["id"])["state"] == "ready"
+    assert wait_until(client, waiting.json()["id"])["state"] == "ready"
+
+
+def test_a_failed_rendering_shows_its_error(store: StudyStore, pool: ModelPool, tmp_path: Path) -> None:
+    (tmp_path / "disagree").mkdir()
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(tmp_path / "disagree" / "red.png")
+    client = app_for(store, pool, tmp_path)
+    response = client.post("/v1/studies", json={**BODY, "folder": "disagree"}, headers=ADMIN)
+    assert response.status_code == 202
+    failed = wait_until(client, response.json()["id"])
+    assert failed["state"] == "failed" and failed["pairs"] == 0
+    assert failed["error"].startswith("folder 'disagree': no image is classified alike by both models")
+    assert "red.png: the models disagree" in failed["error"] and "\n" not in failed["error"]
+    refused = client.get(f"/v1/studies/{failed['id']}")
+    assert refused.status_code == 409 and refused.json()["detail"].endswith(failed["error"])
+
+
+def test_a_restart_fails_the_studies_left_unfinished(store: StudyStore, pool: ModelPool, root: Path) -> None:
+    left = store.create_study(
+        name="left", stronger_model=STRONGER, weaker_model=WEAKER, methods=["gradcam"], folder="set1",
+        seed=1, state="rendering", total=4,
+    )  # fmt: skip
+    with app_for(store, pool, root) as restarted:  # runs the lifespan: the server starting again
+        view = restarted.get(f"/v1/admin/studies/{left.id}", headers=ADMIN).json()
+    assert view["state"] == "failed" and "restarted" in view["error"]
+
+
 # ----------------------------------------------------------------------------------------- results
 
 
 def test_results_score_from_the_stronger_side(
     client: TestClient, store: StudyStore, pool: ModelPool, root: Path
 ) -> None:
-    created = client.post(
-        "/v1/studies", json={**BODY, "methods": ["gradcam"], "seed": 3}, headers=ADMIN
-    ).json()
+    created = create(client, {**BODY, "methods": ["gradcam"], "seed": 3})
     study_id = created["id"]
     side = sides(store, study_id)
     answers = [2, 1, -1]  # three raters, each gives the same answer to both pairs
@@ -414,9 +524,7 @@ def test_results_score_from_the_stronger_side(
 
 
 def test_results_of_a_study_without_ratings(client: TestClient, study: dict) -> None:
-    fresh = client.post(
-        "/v1/studies", json={**BODY, "methods": ["gradcam"], "max_images": 1}, headers=ADMIN
-    ).json()
+    fresh = create(client, {**BODY, "methods": ["gradcam"], "max_images": 1})
     body = client.get(f"/v1/studies/{fresh['id']}/results", headers=ADMIN).json()
     assert body["methods"][0] | {"counts": None} == {
         "method": "gradcam", "pairs": 1, "ratings": 0, "raters": 0, "mean": None, "ci_low": None,
@@ -434,11 +542,12 @@ def test_openapi_documents_every_route_and_error(client: TestClient) -> None:
     paths = schema["paths"]
     expected = {
         ("/v1/admin/folders", "get"): {"200", "401", "403", "404", "422"},
-        ("/v1/studies", "post"): {"201", "401", "403", "404", "422"},
+        ("/v1/studies", "post"): {"202", "401", "403", "404", "422", "503"},
         ("/v1/studies", "get"): {"200", "401", "403", "422"},
-        ("/v1/studies/{study_id}", "get"): {"200", "404", "422"},
-        ("/v1/studies/{study_id}/raters", "post"): {"201", "404", "422"},
-        ("/v1/studies/{study_id}/next", "get"): {"200", "404", "422"},
+        ("/v1/admin/studies/{study_id}", "get"): {"200", "401", "403", "404", "422"},
+        ("/v1/studies/{study_id}", "get"): {"200", "404", "409", "422"},
+        ("/v1/studies/{study_id}/raters", "post"): {"201", "404", "409", "422"},
+        ("/v1/studies/{study_id}/next", "get"): {"200", "404", "409", "422"},
         ("/v1/studies/{study_id}/ratings", "post"): {"201", "404", "409", "422"},
         ("/v1/studies/{study_id}/results", "get"): {"200", "401", "403", "404", "422"},
         ("/v1/studies/{study_id}/ratings.csv", "get"): {"200", "401", "403", "404", "422"},
@@ -454,33 +563,15 @@ def test_openapi_documents_every_route_and_error(client: TestClient) -> None:
     assert "HTTPBearer" in schema["components"]["securitySchemes"]
 
 
-class _Buttons(HTMLParser):
-    def __init__(self) -> None:
-        super().__init__()
-        self.buttons: list[tuple[int, str]] = []
-        self._answer: int | None = None
-
-    def handle_starttag(self, tag: str, attrs: list) -> None:
-        attributes = dict(attrs)
-        if tag == "button" and "data-answer" in attributes:
-            assert attributes["data-testid"] == f"answer-{attributes['data-answer']}"
-            self._answer = int(attributes["data-answer"])
-            self.buttons.append((self._answer, ""))
-
-    def handle_data(self, data: str) -> None:
-        if self._answer is not None:
-            answer, text = self.buttons[-1]
-            self.buttons[-1] = (answer, " ".join((text + " " + data).split()))
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "button":
-            self._answer = None
-
-
-def test_the_rater_page_offers_the_apis_scale() -> None:
-    parser = _Buttons()
-    parser.feed((STATIC / "study.html").read_text(encoding="utf-8"))
-    assert parser.buttons == list(SCALE)
+def test_the_rater_page_takes_its_scale_from_the_api() -> None:
+    # The scale is written once (gradcam.study.scale): the page has no copy, its script builds one
+    # button per step of the API's `scale` (driven in a real browser by test_web_e2e.py).
+    page = (STATIC / "study.html").read_text(encoding="utf-8")
+    script = (STATIC / "study.js").read_text(encoding="utf-8")
+    assert "data-answer=" not in page and 'data-testid="answers"' in page
+    for _, text in SCALE:
+        assert text not in page and text not in script
+    assert "info.scale" in script and "dataset.answer" in script
 
 
 @pytest.mark.parametrize(
@@ -489,12 +580,12 @@ def test_the_rater_page_offers_the_apis_scale() -> None:
         (
             "study.html",
             "study.js",
-            {"robot-a", "robot-b", "class-name", "answer-2", "answer--2", "done", "progress"},
+            {"robot-a", "robot-b", "class-name", "answers", "done", "progress"},
         ),
         (
             "results.html",
             "results.js",
-            {"results-table", "token-input", "token-submit", "csv-download", "error"},
+            {"results-table", "token-input", "token-submit", "csv-download", "error", "state"},
         ),
     ],
 )

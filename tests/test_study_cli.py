@@ -13,7 +13,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from gradcam.cli.study import study_app
-from gradcam.serve.study.store import DEFAULT_DB_URL, StudyStore
+from gradcam.study.store import DEFAULT_DB_URL, StudyStore
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 STRONGER, WEAKER = "efficientnet-lite1", "efficientnet-lite0"
@@ -113,7 +113,7 @@ CREATE = ("create", "--stronger", STRONGER, "--weaker", WEAKER, "--images", "{im
             ("create", "--stronger", STRONGER, "--weaker", "nosuch", "--images", "{images}"),
             "'nosuch' not found",
         ),
-        ((*CREATE, "--methods", "gradcam,x"), "method 'x' not offered"),
+        ((*CREATE, "--methods", "gradcam,x"), "method 'x' not found"),
         ((*CREATE, "--methods", ","), "--methods is empty"),
         ((*CREATE[:-1], "{tmp}/nothing"), "not a folder"),
         ((*CREATE, "--seed", "-1"), "--seed"),

@@ -18,12 +18,11 @@ from sqlalchemy import select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gradcam.serve.study.pairs import assign_sides
-from gradcam.serve.study.results import CSV_COLUMNS, mean_interval, ratings_csv, summarise
-from gradcam.serve.study.store import (
+from gradcam.study.pairs import assign_sides
+from gradcam.study.results import CSV_COLUMNS, mean_interval, ratings_csv, summarise
+from gradcam.study.store import (
     DEFAULT_DB_URL,
     DuplicateRating,
-    NewPair,
     NotFound,
     PairRow,
     RatingRow,
@@ -37,8 +36,8 @@ def png(tag: int) -> bytes:
     return b"\x89PNG fake " + bytes([tag])
 
 
-def new_pair(image: str, method: str, side: str, index: int = 285, name: str = "Egyptian cat") -> NewPair:
-    return NewPair(image, index, name, method, side, png(1), png(2))
+def new_pair(image: str, method: str, side: str, index: int = 285, name: str = "Egyptian cat") -> PairRow:
+    return PairRow(image, index, name, method, side, png(1), png(2))
 
 
 # Four pairs with known sides: the stronger model is Robot A on the first of each method, B on the second.
@@ -50,7 +49,7 @@ PAIRS = [
 ]
 
 
-def make_study(store: StudyStore, pairs: list[NewPair] = PAIRS, name: str = "trust"):
+def make_study(store: StudyStore, pairs: list[PairRow] = PAIRS, name: str = "trust"):
     return store.create_study(
         name=name, stronger_model="efficientnet-lite1", weaker_model="efficientnet-lite0",
         methods=["guided-backprop", "guided-gradcam"], folder="set1", seed=3, pairs=pairs,

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -66,6 +67,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     folder.mkdir(parents=True)
     for name in ("cat.png", "coffee.png"):
         shutil.copy(EXAMPLES / name, folder / name)
+    disagree = root / "images" / "disagree"  # the two models classify its one image apart
+    disagree.mkdir()
+    Image.new("RGB", (64, 64), (255, 0, 0)).save(disagree / "red.png")
     port = _free_port()
     log = root / "server.log"
     command = [
@@ -320,8 +324,13 @@ def test_rate_a_study(page: Page, server: Server, tmp_path: Path) -> None:
                 "seed": 0,
             },
         )
-    assert created.status_code == 201, created.text
-    study = created.json()
+        assert created.status_code == 202, created.text  # rendered in the background
+        deadline = time.monotonic() + ANSWER / 1000
+        while (study := client.get(created.json()["status_path"]).json())["state"] not in ("ready", "failed"):
+            assert time.monotonic() < deadline, study
+            time.sleep(0.1)
+        scale = [step["answer"] for step in client.get(f"/v1/studies/{study['id']}").json()["scale"]]
+    assert study["state"] == "ready", study
     pairs = study["pairs"]
     assert pairs == len(methods) * study["kept"] and pairs >= len(methods), study
 
@@ -337,7 +346,7 @@ def test_rate_a_study(page: Page, server: Server, tmp_path: Path) -> None:
             for robot in ("robot-a", "robot-b"):
                 data_url_bytes(tid(robot).get_attribute("src"))
             # Answers cycle through the scale; the keyboard is enough to give one.
-            button = tid(f"answer-{(2, 1, 0, -1, -2)[number % 5]}")
+            button = tid(f"answer-{scale[number % len(scale)]}")
             expect(button).to_be_enabled()
             button.focus()
             page.keyboard.press("Enter")
@@ -351,6 +360,8 @@ def test_rate_a_study(page: Page, server: Server, tmp_path: Path) -> None:
         tid("token-input").fill(TOKEN)
         tid("token-submit").click()
         expect(tid("results-table")).to_be_visible()
+        expect(tid("state")).to_be_hidden()  # the study is ready
+        expect(tid("scale-top")).to_have_text(f"+{scale[0]}")
         expect(tid("error")).to_be_hidden()
         expect(tid("models")).to_contain_text("efficientnet-lite1 (stronger) vs efficientnet-lite0")
         rows = tid("result-row")
@@ -365,3 +376,32 @@ def test_rate_a_study(page: Page, server: Server, tmp_path: Path) -> None:
             rated += method_pairs
         assert rated == pairs
         expect(tid("summary")).to_contain_text(f"{pairs} ratings by 1 rater")
+
+
+def test_the_results_page_shows_a_failed_study(page: Page, server: Server, tmp_path: Path) -> None:
+    body = {
+        "name": "Disagreement",
+        "stronger_model": "efficientnet-lite1",
+        "weaker_model": "efficientnet-lite0",
+        "methods": ["gradcam"],
+        "folder": "disagree",
+    }
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {TOKEN}"}) as client:
+        created = client.post("/v1/studies", json=body)
+        assert created.status_code == 202, created.text
+        deadline = time.monotonic() + ANSWER / 1000
+        while (study := client.get(created.json()["status_path"]).json())["state"] != "failed":
+            assert time.monotonic() < deadline and study["state"] != "ready", study
+            time.sleep(0.1)
+    with evidence(page, server, tmp_path, "failed-study"):
+        tid = page.get_by_test_id
+        page.goto(study["results_path"])
+        tid("token-input").fill(TOKEN)
+        tid("token-submit").click()
+        expect(tid("state")).to_be_visible()
+        expect(tid("state")).to_have_attribute("data-state", "failed")
+        expect(tid("state")).to_contain_text("no image is classified alike by both models")
+        expect(tid("results-table")).to_be_hidden()
+        page.goto(study["rater_path"])  # raters are told, in one line, that the study cannot be rated
+        expect(tid("error")).to_contain_text("failed")
+        expect(tid("pair")).to_be_hidden()

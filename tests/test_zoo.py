@@ -29,7 +29,7 @@ from conftest import tiny_vit_options
 from gradcam.cli import app
 from gradcam.errors import GradCAMError
 from gradcam.io import load_image
-from gradcam.serve.models import ModelPool
+from gradcam.models.pool import ModelPool
 
 # The project's copies of the CC0 sample photos in /work/shared/samples (byte-identical).
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"

@@ -425,7 +425,7 @@ def test_serve_explains_with_a_timm_vit_with_random_weights(monkeypatch) -> None
 
 
 def test_study_create_renders_the_pairs_of_two_hf_models(hf_folders, images, tmp_path) -> None:
-    from gradcam.serve.study.store import StudyStore
+    from gradcam.study.store import StudyStore
 
     db = tmp_path / "study.db"
     result = cli(

@@ -1,7 +1,8 @@
 """``gradcam study``: create a trust study from the command line, list studies, read the results.
 
-The protocol (Selvaraju et al., ICCV 2017, section 5.2) is described in :mod:`gradcam.serve.study`; raters
-answer through ``gradcam serve`` at the link ``create`` prints.
+The protocol (Selvaraju et al., ICCV 2017, section 5.2) is described in :mod:`gradcam.study`; raters answer
+through ``gradcam serve`` at the link ``create`` prints. ``create`` renders the study at once, through the
+same domain steps as the service's background worker (:mod:`gradcam.study.creation`).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gradcam.cli.common import DeviceOption, fail, parse_device, stderr, stdout
 from gradcam.errors import GradCAMError
-from gradcam.serve.models import ModelPool
-from gradcam.serve.study import pairs as selection
-from gradcam.serve.study.results import StudyResults, ratings_csv, results_dict, summarise
-from gradcam.serve.study.store import DEFAULT_DB_URL, StudyStore, database_url, sqlite_file
+from gradcam.models.pool import ModelPool
+from gradcam.study import creation
+from gradcam.study.pairs import list_images
+from gradcam.study.results import StudyResults, ratings_csv, results_dict, summarise
+from gradcam.study.store import DEFAULT_DB_URL, StudyRow, StudyStore, database_url, sqlite_file
 
 study_app = typer.Typer(
     add_completion=False,
@@ -87,32 +89,31 @@ def create(
         raise fail(f"--images {images}: not a folder")
     if seed is not None and not 0 <= seed < 2**31:
         raise fail(f"--seed {seed}: expected 0 .. {2**31 - 1}")
-    chosen_methods = list(dict.fromkeys(_methods(methods)))
-    parse_device(device)
-    seed = seed if seed is not None else secrets.randbelow(2**31)
-    pool, chosen_methods, marks, found = _prepare(
-        stronger, weaker, chosen_methods, images, annotations, device
+    record = StudyRow(
+        name=name or images.resolve().name,
+        stronger_model=stronger,
+        weaker_model=weaker,
+        methods=_methods(methods),
+        folder=str(images.resolve()),
+        annotations=str(annotations.resolve()) if annotations is not None else None,
+        seed=seed if seed is not None else secrets.randbelow(2**31),
     )
+    parse_device(device)
+    pool, plan = _plan(record, images, annotations, max_images, device)
     store = _open(db, must_exist=False)  # only now: a mistake above leaves no database file behind
     try:
-        chosen = _select(pool, stronger, weaker, chosen_methods, images, found, marks, seed, max_images)
-        study = store.create_study(
-            name=name or images.resolve().name,
-            stronger_model=stronger,
-            weaker_model=weaker,
-            methods=chosen_methods,
-            folder=str(images.resolve()),
-            annotations=str(annotations.resolve()) if annotations is not None else None,
-            seed=seed,
-            pairs=chosen.pairs,
-        )
+        study = _create(store, pool, plan, images)
     except SQLAlchemyError as error:
         raise fail(f"--db {db}: cannot store the study ({_first_line(error)})") from None
     finally:
         store.close()
+    for skipped in study.skipped[:SHOWN_SKIPS]:
+        stderr.print(f"skipped {skipped.image}: {skipped.reason}", markup=False)
+    if len(study.skipped) > SHOWN_SKIPS:
+        stderr.print(f"skipped {len(study.skipped) - SHOWN_SKIPS} more images", markup=False)
     stdout.print(
-        f"study {study.id}: {study.pairs} pairs ({len(chosen.kept)} images x {len(chosen_methods)} methods), "
-        f"{len(chosen.skipped)} images skipped, seed {seed}",
+        f"study {study.id}: {study.pairs} pairs ({study.kept} images x {len(study.methods)} methods), "
+        f"{len(study.skipped)} images skipped, seed {study.seed}",
         markup=False,
         highlight=False,
     )
@@ -120,58 +121,32 @@ def create(
     stdout.print(f"results: /studies/{study.id}/results", markup=False, highlight=False)
 
 
-def _prepare(
-    stronger: str, weaker: str, methods: list[str], images: Path, annotations: Path | None, device: str
-) -> tuple[ModelPool, list[str], dict[str, frozenset[int]] | None, list[tuple[str, Path]]]:
-    """The models, checked methods, annotations and images of a study, or a one-line error."""
+def _plan(
+    record: StudyRow, images: Path, annotations: Path | None, max_images: int | None, device: str
+) -> tuple[ModelPool, creation.StudyPlan]:
+    """The models and the checked study, or a one-line error."""
     try:
-        pool = ModelPool([stronger, weaker], device=device)
-        strong, _ = selection.check_models(pool, stronger, weaker)
-        methods = selection.check_methods(methods)
-        marks = selection.read_annotations(annotations, strong.labels) if annotations is not None else None
+        pool = ModelPool([record.stronger_model, record.weaker_model], device=device)
+        found = list_images(images)
+        return pool, creation.plan(pool, record, found, annotations=annotations, max_images=max_images)
+    except creation.NothingKept as error:
+        raise fail(f"--images {images}: {error.reason}") from None
     except GradCAMError as error:
         raise fail(str(error)) from None
-    found = selection.list_images(images)
-    if not found:
-        raise fail(f"--images {images}: no image files in it")
-    return pool, methods, marks, found
 
 
-def _select(
-    pool: ModelPool,
-    stronger: str,
-    weaker: str,
-    methods: list[str],
-    images: Path,
-    found: list[tuple[str, Path]],
-    marks: dict[str, frozenset[int]] | None,
-    seed: int,
-    max_images: int | None,
-) -> selection.Selection:
-    """The study's pairs, with the skipped images reported on stderr; a one-line error when none is kept."""
+def _create(store: StudyStore, pool: ModelPool, plan: creation.StudyPlan, images: Path) -> StudyRow:
+    """Render and store the study, with a progress bar; a one-line error when no image is kept."""
     try:
         with _progress() as bar:
-            task = bar.add_task("selecting and rendering", total=len(found))
-            chosen = selection.build_pairs(
-                pool,
-                stronger,
-                weaker,
-                methods,
-                found,
-                seed=seed,
-                annotations=marks,
-                max_images=max_images,
-                progress=lambda done, _total: bar.update(task, completed=done),
+            task = bar.add_task("selecting and rendering", total=len(plan.images))
+            return creation.create(
+                store, pool, plan, progress=lambda done, _total: bar.update(task, completed=done)
             )
+    except creation.NothingKept as error:
+        raise fail(f"--images {images}: {error.reason}") from None
     except GradCAMError as error:
         raise fail(str(error)) from None
-    for skipped in chosen.skipped[:SHOWN_SKIPS]:
-        stderr.print(f"skipped {skipped.image}: {skipped.reason}", markup=False)
-    if len(chosen.skipped) > SHOWN_SKIPS:
-        stderr.print(f"skipped {len(chosen.skipped) - SHOWN_SKIPS} more images", markup=False)
-    if not chosen.pairs:
-        raise fail(f"--images {images}: {selection.nothing_kept(chosen)}")
-    return chosen
 
 
 def _progress() -> Progress:

@@ -16,7 +16,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from gradcam.errors import GradCAMError
-from gradcam.serve.models import ModelPool
+from gradcam.models.pool import ModelPool
 from gradcam.serve.render import Computed, ImageView, Prepared, compute, draw, stack
 
 

@@ -1,9 +1,11 @@
 """One batch of images through one model and method, as the pictures and numbers the service returns.
 
-Every CAM method of :mod:`gradcam.methods` plus the two guided views of the Grad-CAM paper (Selvaraju et
-al., ICCV 2017, section 3.1): ``guided-backprop`` (Springenberg et al. 2015) and ``guided-gradcam``, the
-element-wise product of Guided Backpropagation and the upsampled Grad-CAM map. Images in one call may
-want different classes: they are explained together, one forward for all of them (see :func:`render`).
+Any method of :mod:`gradcam.methods.registry` that needs a model: the CAM and attention methods, and the
+two guided views of the Grad-CAM paper (Selvaraju et al., ICCV 2017, section 3.1), ``guided-backprop``
+(Springenberg et al. 2015) and ``guided-gradcam``, the element-wise product of Guided Backpropagation and
+the upsampled Grad-CAM map. Images in one call may want different classes: they are explained together,
+one forward for all of them (see :func:`render`). A class map is sent as a colormapped heatmap at the
+picture's size; the browser draws it over the picture at the opacity the user picks.
 """
 
 from __future__ import annotations
@@ -21,16 +23,26 @@ from gradcam import methods, viz
 from gradcam.batch.explain import target_grid
 from gradcam.errors import GradCAMError
 from gradcam.explanation import Explanation
-from gradcam.methods import CAM
+from gradcam.methods import CAM, registry
 from gradcam.methods.guided import GuidedBackprop
 from gradcam.models import LoadedModel, model_device
 
-GUIDED = ("guided-backprop", "guided-gradcam")
-#: Every method the service can offer.
-METHODS: list[str] = methods.names() + list(GUIDED)
-#: Methods that run the network once per channel of the layer (about 1,300 forwards per class on
-#: EfficientNet-Lite0, minutes on a CPU): a server offers them only when told to (``--slow-methods``).
-SLOW = ("scorecam", "ablationcam")
+#: The hint for a slow method a server does not offer.
+SLOW_HINT = " (enabled with --slow-methods)"
+
+
+def offered(slow_methods: bool) -> list[str]:
+    """The methods a server offers: every registered method that needs a model; the slow ones (one
+    forward per channel of the layer, minutes per image on a CPU) only with ``slow_methods``."""
+    return [m.name for m in registry.entries(needs_model=True, slow=None if slow_methods else False)]
+
+
+def method_entry(method: str, choices: Sequence[str] | None = None) -> registry.Method:
+    """The registry's entry of ``method`` when it is among ``choices`` (default: every method that
+    needs a model); the registry's one-line GradCAMError otherwise, with a hint for a slow method."""
+    choices = offered(True) if choices is None else choices
+    slow = method in {m.name for m in registry.entries(slow=True)}
+    return registry.get(method, choices, hint=SLOW_HINT if slow else "")
 
 
 @dataclass
@@ -42,7 +54,6 @@ class TargetView:
     probability: float
     score: float
     heatmap: Image.Image | None  # the colormapped map at the picture's size (None: guided-backprop)
-    overlay: Image.Image | None  # the map over the picture, alpha 0.5 (None: guided-backprop)
     guided: Image.Image | None  # the guided-backprop / guided-gradcam picture, in the model's input view
     raw: np.ndarray | None  # the map at the layer's resolution (None: guided-backprop)
 
@@ -57,24 +68,6 @@ class ImageView:
     picture: Image.Image
     predictions: list[tuple[int, str, float]]
     targets: list[TargetView]
-
-
-def describe(method: str) -> str:
-    """A one-line description of any of :data:`METHODS`."""
-    if method == "guided-backprop":
-        return "Guided Backpropagation (Springenberg et al. 2015): positive input gradients through ReLUs"
-    if method == "guided-gradcam":
-        return "Guided Grad-CAM (Selvaraju et al. 2017): Guided Backpropagation times the Grad-CAM map"
-    return methods.describe(method)
-
-
-def check_method(method: str, offered: Sequence[str] = METHODS) -> str:
-    """``method`` when it is ``offered``, else a GradCAMError listing the choices."""
-    if method not in offered:
-        shown = method if len(method) <= 60 else method[:60] + "..."
-        hint = " (enabled with --slow-methods)" if method in SLOW else ""
-        raise GradCAMError(f"method '{shown}' not offered{hint}; choose from {', '.join(offered)}")
-    return method
 
 
 # CAM objects remember the automatically found layer per input shape: keep one per model, method and
@@ -103,10 +96,7 @@ def _explain(
     wanted = [list(dict.fromkeys(t)) or ranking[row, :topk].tolist() for row, t in enumerate(targets)]
     ids = target_grid(wanted)
     if ids.tolist() == [first.targets.tolist()]:
-        return Explanation(
-            first.raw[None], first.targets[None], first.scores[None], first.probs[None], first.layer,
-            first.method, first.logits, first.input_size, first.maps[None],
-        ), wanted  # fmt: skip
+        return first.rows(), wanted
     return cam(batch, ids.to(batch.device)), wanted
 
 
@@ -156,7 +146,7 @@ def compute(
     layer: str | None = None,
 ) -> Computed:
     """The model work for a batch: hold the model's lock around this call."""
-    check_method(method)
+    entry = method_entry(method)
     if not 1 <= topk <= len(loaded.labels):
         raise GradCAMError(f"topk must be between 1 and {len(loaded.labels)}, got {topk}")
     wanted_in = [list(t) if t else [] for t in (targets or [None] * len(batch))]
@@ -166,10 +156,11 @@ def compute(
                 raise GradCAMError(
                     f"target {index} is out of range: the model has {len(loaded.labels)} classes"
                 )
-    cam = _cam(loaded.module, "gradcam" if method in GUIDED else method, layer)
+    guided_view = entry.kind == "pixel"
+    cam = _cam(loaded.module, "gradcam" if guided_view else method, layer)
     explanation, wanted = _explain(cam, batch, wanted_in, topk)
     guided = None
-    if method in GUIDED:
+    if guided_view:
         backprop = GuidedBackprop(loaded.module)
         guided = torch.stack([backprop(batch, row.tolist()) for row in explanation.targets])  # (N,B,C,H,W)
         if method == "guided-gradcam":
@@ -196,7 +187,6 @@ def draw(loaded: LoadedModel, pictures: Sequence[Image.Image], computed: Compute
                     probability=float(explanation.probs[n, row]),
                     score=float(explanation.scores[n, row]),
                     heatmap=viz.overlay(picture, saliency, alpha=1.0) if cam_view else None,
-                    overlay=viz.overlay(picture, saliency) if cam_view else None,
                     guided=viz.guided_image(guided[n, row]) if guided is not None else None,
                     raw=explanation.raw[n, row].numpy().astype(np.float32) if cam_view else None,
                 )
@@ -222,10 +212,10 @@ def render(
 
     ``targets[i]`` lists image i's classes; empty or None: its ``topk`` best classes. Guided views use
     Grad-CAM's forward for the predictions and the class maps. The caller holds the model's lock
-    (:meth:`gradcam.serve.models.ModelPool.lock`); a server holds it only around :func:`compute`.
+    (:meth:`gradcam.models.pool.ModelPool.lock`); a server holds it only around :func:`compute`.
     Pictures are at most ``display_size`` a side.
     """
-    check_method(method)
+    method_entry(method)
     if not images:
         return []
     prepared = [prepare(loaded, image, display_size=display_size) for image in images]

@@ -1,8 +1,43 @@
-"""The JSON bodies of the service, documented field by field in its OpenAPI schema."""
+"""The JSON bodies of the service, documented field by field in its OpenAPI schema, and
+:func:`schema_of`, which builds a body from an ORM row's own declaration."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from sqlalchemy import inspect
+
+
+class FromRow(BaseModel):
+    """The base of :func:`schema_of`'s bodies: read from an object's attributes (an ORM row)."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+
+def schema_of(
+    row: type,
+    name: str,
+    *,
+    include: Sequence[str] | None = None,
+    base: type[FromRow] = FromRow,
+    doc: str | None = None,
+) -> type[FromRow]:
+    """A pydantic body with the columns of the ORM class ``row`` (only ``include``, in that order, when
+    given): each typed as the row declares it (a column property by its SQL type) and described by its
+    ``doc``, so that no field list is written twice. ``base`` adds fields of its own."""
+    hints = typing.get_type_hints(row)
+    attributes = {attr.key: attr for attr in inspect(row).column_attrs}
+    chosen = list(attributes) if include is None else list(include)
+    fields: dict[str, Any] = {}
+    for key in chosen:
+        attr = attributes[key]
+        hint = hints.get(key)
+        kind = typing.get_args(hint)[0] if hint is not None else attr.expression.type.python_type
+        fields[key] = (kind, Field(description=attr.doc))
+    return create_model(name, __base__=base, __doc__=doc or row.__doc__, __module__=base.__module__, **fields)
 
 
 class Problem(BaseModel):
@@ -34,6 +69,8 @@ class Labels(BaseModel):
 
 class MethodInfo(BaseModel):
     name: str = Field(description="The name to send as `method`.")
+    kind: str = Field(description="cam, attention, pixel or baseline (see gradcam.methods.registry).")
+    slow: bool = Field(description="One forward per channel of the layer: offered with --slow-methods.")
     description: str = Field(description="The method and its paper, in one line.")
     guided: bool = Field(description="True when the result is a guided (input-gradient) picture.")
 
@@ -54,11 +91,8 @@ class TargetResult(BaseModel):
     probability: float = Field(description="Softmax probability of the class.")
     score: float = Field(description="Pre-softmax score y^c of the class (what the gradients are of).")
     heatmap: str | None = Field(
-        description="Base64 PNG: the map through the jet colormap, the size of `picture` "
-        "(null for guided-backprop)."
-    )
-    overlay: str | None = Field(
-        description="Base64 PNG: the map over `picture` at opacity 0.5 (null for guided-backprop)."
+        description="Base64 PNG: the map through the jet colormap, the size of `picture` (null for "
+        "guided-backprop). Drawn over `picture` at any opacity it is the overlay (the web app does so)."
     )
     guided: str | None = Field(
         description="Base64 PNG: the guided-backprop or guided-gradcam picture, in the model's input view "

@@ -385,7 +385,15 @@ function showResult(panel, result, elapsed) {
     panel.guidedPicture.removeAttribute("src");
   }
   const stem = (kind) => `${fileStem(result.model, methodName, className)}-${kind}.png`;
-  setDownload(panel.downloadOverlay, hasMap ? target.overlay : null, stem("overlay"));
+  // The overlay is composed here, from the picture and the heatmap, at the slider's opacity.
+  setDownload(panel.downloadOverlay, hasMap ? target.heatmap : null, stem("overlay"));
+  if (hasMap) {
+    Promise.all([panel.picture.decode(), panel.heatmap.decode()])
+      .then(() => {
+        if (panel.result === result) panel.downloadOverlay.href = composeOverlay(panel);
+      })
+      .catch(() => {}); // drawn again when the link is clicked
+  }
   setDownload(panel.downloadHeatmap, hasMap ? target.heatmap : null, stem("heatmap"));
   setDownload(panel.downloadGuided, hasGuided ? target.guided : null, stem("guided"));
 
@@ -433,8 +441,8 @@ function applyOpacity() {
   el.opacityValue.textContent = `${value} %`;
 }
 
-/** The picture with the heatmap over it at the slider's opacity, as a PNG data URL (the server's own
- * overlay is the 50 % one). */
+/** The picture with the heatmap over it at the slider's opacity, as a PNG data URL (the server sends
+ * the picture and the heatmap; the overlay is made only here). */
 function composeOverlay(panel) {
   const { picture, heatmap } = panel;
   const canvas = document.createElement("canvas");
@@ -448,13 +456,20 @@ function composeOverlay(panel) {
 }
 
 function wireOverlayDownload(panel) {
-  panel.downloadOverlay.addEventListener("click", () => {
+  panel.downloadOverlay.addEventListener("click", (event) => {
     // Runs before the link is followed, so the href set here is the one downloaded.
     const target = panel.result && panel.result.targets[0];
-    if (!target || !target.overlay) return;
-    const opacity = Number(el.opacity.value);
+    if (!target || !target.heatmap) return;
     const ready = panel.picture.complete && panel.heatmap.complete && panel.picture.naturalWidth > 0;
-    panel.downloadOverlay.href = opacity === 50 || !ready ? png(target.overlay) : composeOverlay(panel);
+    if (ready) {
+      panel.downloadOverlay.href = composeOverlay(panel);
+      return;
+    }
+    // The pictures are still decoding: follow the link once they are.
+    event.preventDefault();
+    Promise.all([panel.picture.decode(), panel.heatmap.decode()])
+      .then(() => panel.downloadOverlay.click())
+      .catch((error) => showError(`Could not draw the overlay: ${error.message}`));
   });
 }
 

@@ -1,12 +1,14 @@
 // The results page of a trust study (results.html documents the page and its data-testid attributes).
-// Asks for the admin token, keeps it in sessionStorage for this tab, fetches the results with it and
-// fills the table; the CSV is fetched with the token too and saved through a blob link (a plain link
+// Asks for the admin token, keeps it in sessionStorage for this tab, reads the study's state with it
+// (while the study is queued or rendering it shows the progress and asks again every 2 s; a failed one
+// shows its error), then fetches the results and fills the table; the CSV is fetched with the token too and saved through a blob link (a plain link
 // could not carry the Authorization header, and a token in the address would leak into logs).
 "use strict";
 
 (() => {
-  const { studyId, api, byTestId, storage, ApiError } = window.gradcamStudyPage;
+  const { studyId, api, adminApi, byTestId, storage, ApiError } = window.gradcamStudyPage;
   const tokenKey = "gradcam-admin-token";
+  const POLL_MS = 2000;
 
   const el = {
     name: byTestId("study-name"),
@@ -14,13 +16,17 @@
     form: byTestId("token-form"),
     input: byTestId("token-input"),
     error: byTestId("error"),
+    state: byTestId("state"),
     results: byTestId("results"),
     summary: byTestId("summary"),
     body: byTestId("results-table").querySelector("tbody"),
     csv: byTestId("csv-download"),
     refresh: byTestId("refresh"),
     forget: byTestId("forget-token"),
+    scaleTop: byTestId("scale-top"),
+    scaleBottom: byTestId("scale-bottom"),
   };
+  let polling = null; // the timer asking again for a study still being rendered
 
   const session = storage("sessionStorage", tokenKey); // asked again after a reload if not kept
   let token = session.get();
@@ -52,6 +58,7 @@
 
   const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
   const signed = (value) => (value === null ? "–" : `${value > 0 ? "+" : ""}${value.toFixed(2)}`);
+  const signedInt = (value) => `${value > 0 ? "+" : ""}${value}`;
 
   function cell(row, testId, text, number) {
     const td = document.createElement("td");
@@ -61,11 +68,29 @@
     row.appendChild(td);
   }
 
+  /** The study's state, shown while it is not ready; true when it is ready. */
+  function showState(study) {
+    el.name.textContent = study.name;
+    el.state.dataset.state = study.state;
+    const texts = {
+      queued: "Queued for rendering: the pairs are made one study at a time.",
+      rendering: `Rendering: ${study.done} of ${study.total} images looked at.`,
+      failed: `Rendering failed: ${study.error}`,
+    };
+    el.state.textContent = texts[study.state] || "";
+    el.state.hidden = study.state === "ready";
+    return study.state === "ready";
+  }
+
   function fill(results) {
     el.name.textContent = results.name;
     document.title = `${results.name}: results`;
     el.models.textContent = `${results.stronger_model} (stronger) vs ${results.weaker_model}`;
     el.summary.textContent = `${plural(results.ratings, "rating")} by ${plural(results.raters, "rater")}`;
+    if (results.scale.length) {
+      el.scaleTop.textContent = signedInt(results.scale[0].answer);
+      el.scaleBottom.textContent = signedInt(results.scale[results.scale.length - 1].answer);
+    }
     el.body.replaceChildren();
     for (const m of results.methods) {
       const row = document.createElement("tr");
@@ -85,6 +110,7 @@
   }
 
   async function load() {
+    clearTimeout(polling);
     showError("");
     if (!token) {
       el.form.hidden = false;
@@ -92,6 +118,13 @@
       return;
     }
     try {
+      const study = await (await fetchWithToken(adminApi)).json();
+      el.form.hidden = true;
+      if (!showState(study)) {
+        el.results.hidden = true;
+        if (study.state !== "failed") polling = setTimeout(load, POLL_MS);
+        return;
+      }
       const response = await fetchWithToken(`${api}/results`);
       fill(await response.json());
     } catch (error) {

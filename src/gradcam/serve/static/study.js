@@ -1,7 +1,9 @@
 // The rater's page of a trust study (study.html documents the page and its data-testid attributes).
 // Flow: GET the study's public info; take the rater id from localStorage or POST .../raters for a new
 // one; GET .../next and show the pair; each answer POSTs .../ratings and shows the next pair. A 409
-// (already rated, e.g. a second tab) just moves on. No external URLs; works from any path prefix.
+// (already rated, e.g. a second tab) just moves on. The answer buttons are made from the study's `scale`
+// (the server's wording); a study still rendering (409) shows the server's message. No external URLs;
+// works from any path prefix.
 "use strict";
 
 (() => {
@@ -21,7 +23,8 @@
     robotB: byTestId("robot-b"),
     done: byTestId("done"),
     doneTotal: byTestId("done-total"),
-    buttons: Array.from(document.querySelectorAll("button[data-answer]")),
+    answers: byTestId("answers"),
+    buttons: [],
   };
 
   let rater = null;
@@ -115,6 +118,21 @@
     else showPair(next);
   }
 
+  /** One button per step of the study's scale (the API's `scale`: the wording comes from the server). */
+  function makeButtons(scale) {
+    el.buttons = scale.map((step) => {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.dataset.answer = String(step.answer);
+      button.dataset.testid = `answer-${step.answer}`;
+      button.textContent = step.text;
+      button.disabled = busy;
+      button.addEventListener("click", () => answer(Number(button.dataset.answer)));
+      return button;
+    });
+    el.answers.replaceChildren(...el.buttons);
+  }
+
   async function answer(value) {
     if (busy || current === null) return;
     setBusy(true);
@@ -138,6 +156,7 @@
     try {
       if (!studyId) throw new ApiError(404, "This address names no study.");
       const info = await call("GET", api);
+      makeButtons(info.scale);
       el.name.textContent = info.name;
       document.title = `${info.name}: which robot is more reliable?`;
       rater = store.get() || (await newRater());
@@ -150,8 +169,5 @@
     }
   }
 
-  for (const button of el.buttons) {
-    button.addEventListener("click", () => answer(Number(button.dataset.answer)));
-  }
   start();
 })();

@@ -1,5 +1,5 @@
 // What the study's rater page (study.js) and results page (results.js) share: the study named by the
-// address, its API root, element lookup by data-testid, storage that survives being switched off, and the
+// address, its API root (and its admin view's address), element lookup by data-testid, storage that survives being switched off, and the
 // API's error type. Loaded before either page's script; exposes window.gradcamStudyPage.
 "use strict";
 
@@ -46,6 +46,7 @@ window.gradcamStudyPage = (() => {
   return {
     studyId,
     api: `${prefix}/v1/studies/${encodeURIComponent(studyId)}`,
+    adminApi: `${prefix}/v1/admin/studies/${encodeURIComponent(studyId)}`,
     byTestId: (id) => document.querySelector(`[data-testid="${id}"]`),
     storage,
     ApiError,

@@ -1,4 +1,5 @@
-"""The models a server explains with: each loaded once, on first use, and one lock per model."""
+"""The models a front end explains with (the service, the trust study): each loaded once, on first use,
+and one lock per model."""
 
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ class ModelPool:
 
     @property
     def default(self) -> str:
+        """The first model: the one used when a request names none."""
         return self.names[0]
 
     def check(self, name: str) -> str:

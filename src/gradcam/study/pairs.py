@@ -1,4 +1,4 @@
-"""Choosing a study's images and pre-rendering its pairs (the protocol is in :mod:`gradcam.serve.study`).
+"""Choosing a study's images and pre-rendering its pairs (the protocol is in :mod:`gradcam.study`).
 
 An image is kept only when both models put the same class first, and, when annotations are given, that
 class is one the image is annotated with: the raters then judge two explanations of one correct decision,
@@ -6,15 +6,14 @@ not which model is right. Unreadable images, images missing from the annotations
 disagree on are skipped, each with its reason.
 
 For every kept image and every method, each model's picture for the shared class is rendered once, now:
-the guided view (:attr:`TargetView.guided`) for guided-backprop and guided-gradcam, the map over the
-picture (:attr:`TargetView.overlay`) for CAM methods. Which model is Robot A is randomised per pair with
+the guided picture for the pixel methods (guided-backprop and guided-gradcam), the map over the picture
+(at most :data:`PICTURE_SIZE` a side) for the CAM methods. Which model is Robot A is randomised per pair with
 a seeded generator, balanced within each method (as many pairs with the stronger model on the left as on
 the right, give or take one), so a study is reproducible from its seed.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import random
 from collections.abc import Callable, Sequence
@@ -24,31 +23,30 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from gradcam import viz
 from gradcam.batch.inputs import collect_images
 from gradcam.errors import GradCAMError, ImageLoadError
 from gradcam.io import load_image
+from gradcam.methods import GradCAM, GuidedBackprop, registry
 from gradcam.metrics.annotations import load_annotations
 from gradcam.models import LoadedModel, model_device
-from gradcam.serve.models import ModelPool
-from gradcam.serve.render import GUIDED, check_method, render
-from gradcam.serve.study.store import NewPair
+from gradcam.models.pool import ModelPool
+from gradcam.study.store import PairRow, Skipped
 from gradcam.targets import model_logits, parse_class
 
+#: The kinds of method a study can show: pictures of one class for raters to compare.
+STUDY_KINDS = ("cam", "pixel")
+#: Largest side of a CAM method's picture (the map over the image as the model sees it).
+PICTURE_SIZE = 512
 #: Images explained together (one forward per model and method for each chunk).
 CHUNK = 8
-
-
-@dataclass(frozen=True)
-class Skipped:
-    image: str
-    reason: str
 
 
 @dataclass
 class Selection:
     """The pairs to store, the images kept (with their shared class) and those skipped."""
 
-    pairs: list[NewPair] = field(default_factory=list)
+    pairs: list[PairRow] = field(default_factory=list)
     kept: list[tuple[str, int]] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
 
@@ -116,10 +114,12 @@ def assign_sides(count: int, rng: random.Random) -> list[str]:
     return sides
 
 
-def _png(picture: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG")
-    return buffer.getvalue()
+def _frame(loaded: LoadedModel, image: Image.Image) -> Image.Image:
+    """The picture a CAM method's map is drawn on: the image as the model sees it, at most
+    :data:`PICTURE_SIZE` a side."""
+    picture = loaded.preprocess.frame(image).copy()
+    picture.thumbnail((PICTURE_SIZE, PICTURE_SIZE), Image.Resampling.BILINEAR)
+    return picture
 
 
 def _top1(pool: ModelPool, loaded: LoadedModel, images: Sequence[Image.Image]) -> list[int]:
@@ -132,12 +132,18 @@ def _top1(pool: ModelPool, loaded: LoadedModel, images: Sequence[Image.Image]) -
 def _pictures(
     pool: ModelPool, loaded: LoadedModel, method: str, images: Sequence[Image.Image], classes: Sequence[int]
 ) -> list[bytes]:
+    entry = registry.get(method)
+    batch = torch.stack([loaded.preprocess(image) for image in images]).to(model_device(loaded.module))
     with pool.lock(loaded.name):
-        views = render(loaded, method, images, [[c] for c in classes])
-    shown = [view.targets[0].guided if method in GUIDED else view.targets[0].overlay for view in views]
-    if any(picture is None for picture in shown):
-        raise GradCAMError(f"method '{method}' gave no picture")
-    return [_png(picture) for picture in shown]  # type: ignore[arg-type]
+        if entry.kind == "pixel":
+            guided = GuidedBackprop(loaded.module)(batch, list(classes))
+            if method == "guided-gradcam":
+                guided = guided * GradCAM(loaded.module)(batch, list(classes)).maps[:, None]
+            shown = [viz.guided_image(gradient) for gradient in guided]
+        else:
+            maps = entry.build(loaded.module)(batch, list(classes)).maps
+            shown = [viz.overlay(_frame(loaded, image), m) for image, m in zip(images, maps, strict=True)]
+    return [viz.encode_png(picture) for picture in shown]
 
 
 def check_models(pool: ModelPool, stronger: str, weaker: str) -> tuple[LoadedModel, LoadedModel]:
@@ -153,12 +159,14 @@ def check_models(pool: ModelPool, stronger: str, weaker: str) -> tuple[LoadedMod
 
 
 def check_methods(methods: Sequence[str]) -> list[str]:
-    """The methods without repeats, each checked; GradCAMError when none or one is unknown."""
+    """The methods without repeats, each a registered CAM or pixel method; GradCAMError when none or one
+    is not."""
     chosen = list(dict.fromkeys(methods))
     if not chosen:
         raise GradCAMError("methods is empty; name at least one, e.g. guided-backprop,guided-gradcam")
+    offered = registry.names(STUDY_KINDS, needs_model=True)
     for method in chosen:
-        check_method(method)
+        registry.get(method, offered)
     return chosen
 
 
@@ -208,7 +216,7 @@ def build_pairs(
     for image, index, method, strong_png, weak_png in rendered:
         side = next(sides[method])
         a, b = (strong_png, weak_png) if side == "A" else (weak_png, strong_png)
-        selection.pairs.append(NewPair(image, index, strong.labels[index], method, side, a, b))
+        selection.pairs.append(PairRow(image, index, strong.labels[index], method, side, a, b))
     return selection
 
 

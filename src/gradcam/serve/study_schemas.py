@@ -1,36 +1,31 @@
-"""The study API's request and response bodies (they document themselves in the OpenAPI schema)."""
+"""The study API's request and response bodies (they document themselves in the OpenAPI schema).
+
+A study as the admin sees it (:data:`StudyAdmin`) and as a rater sees it (:data:`StudyPublic`) are built
+from :class:`gradcam.study.store.StudyRow` itself (:func:`gradcam.serve.schemas.schema_of`); the scale
+comes from :data:`gradcam.study.scale.SCALE`.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-#: The question each pair asks; {class} is the class both robots predicted.
-QUESTION = "Both robots recognised this image as \u201c{class}\u201d. Which robot is more reliable?"
-#: The paper's five-point scale (Selvaraju et al. 2017, section 5.2), from +2 to -2.
-SCALE = (
-    (2, "Robot A is clearly more reliable than Robot B"),
-    (1, "Robot A is slightly more reliable than Robot B"),
-    (0, "Robot A and Robot B are equally reliable"),
-    (-1, "Robot A is slightly less reliable than Robot B"),
-    (-2, "Robot A is clearly less reliable than Robot B"),
-)
+from gradcam.serve.schemas import FromRow, schema_of
+from gradcam.study.scale import HIGHEST, LOWEST, QUESTION, SCALE
+from gradcam.study.store import StudyRow
 
 Name = Annotated[str, Field(min_length=1, max_length=200)]
 Token = Annotated[str, Field(min_length=1, max_length=64)]
 
 
-class Problem(BaseModel):
-    """Every error: one line naming the field or thing at fault and what was expected."""
-
-    detail: str
-
-
 class ScaleStep(BaseModel):
     answer: int = Field(description="The value sent as `answer` for this choice.")
     text: str = Field(description="The wording shown to raters.")
+
+
+def _scale() -> list[ScaleStep]:
+    return [ScaleStep(answer=answer, text=text) for answer, text in SCALE]
 
 
 class Folder(BaseModel):
@@ -44,8 +39,9 @@ class Folders(BaseModel):
 
 
 class StudyCreate(BaseModel):
-    """A new study. Both models must be served by this server; the pairs are rendered before the reply,
-    which can take a while for guided methods (about a second per image, model and method on a CPU)."""
+    """A new study. Both models must be served by this server. The request is checked and answered at
+    once (202); the pairs are rendered in the background (about a second per image, model and method
+    on a CPU), and the study's `state` says how far it is."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -71,47 +67,49 @@ class StudyCreate(BaseModel):
     )
 
 
-class StudyAdmin(BaseModel):
-    """A study as the admin sees it (with the model names, which raters never see)."""
-
+class _StudyLinks(FromRow):
     id: str
-    name: str
-    stronger_model: str
-    weaker_model: str
-    methods: list[str]
-    folder: str
-    annotations: str | None
-    seed: int
-    created: datetime
-    pairs: int
-    raters: int
-    ratings: int
-    rater_path: str = Field(description="The page to send raters to.")
-    results_path: str = Field(description="The results page.")
+
+    @computed_field(description="The page to send raters to.")  # type: ignore[prop-decorator]
+    @property
+    def rater_path(self) -> str:
+        return f"/studies/{self.id}"
+
+    @computed_field(description="The results page.")  # type: ignore[prop-decorator]
+    @property
+    def results_path(self) -> str:
+        return f"/studies/{self.id}/results"
+
+    @computed_field(description="Where the admin reads the study's state.")  # type: ignore[prop-decorator]
+    @property
+    def status_path(self) -> str:
+        return f"/v1/admin/studies/{self.id}"
 
 
-class SkippedImage(BaseModel):
-    image: str
-    reason: str
-
-
-class StudyCreated(StudyAdmin):
-    kept: int = Field(description="Images kept (each gives one pair per method).")
-    skipped: list[SkippedImage] = Field(description="Images left out, with why.")
+#: A study as the admin sees it: every column of the row (model names included, which raters never
+#: see), its counts, its state and progress, and its pages.
+StudyAdmin = schema_of(
+    StudyRow, "StudyAdmin", base=_StudyLinks, doc="A study as the admin sees it (with the model names)."
+)
 
 
 class StudyList(BaseModel):
-    studies: list[StudyAdmin]
+    studies: list[StudyAdmin]  # type: ignore[valid-type]
 
 
-class StudyPublic(BaseModel):
-    """What a rater may know about a study: no model names."""
+class _RaterView(FromRow):
+    question: str = Field(QUESTION, description="Asked of each pair; {class} stands for the predicted class.")
+    scale: list[ScaleStep] = Field(default_factory=_scale, description="The answers, from the top down.")
 
-    id: str
-    name: str
-    pairs: int
-    question: str = Field(description="Asked of each pair; {class} stands for the predicted class.")
-    scale: list[ScaleStep]
+
+#: What a rater may know about a study: no model names.
+StudyPublic = schema_of(
+    StudyRow,
+    "StudyPublic",
+    include=("id", "name", "pairs"),
+    base=_RaterView,
+    doc="What a rater may know about a study: no model names.",
+)
 
 
 class RaterIssued(BaseModel):
@@ -140,7 +138,9 @@ class RatingIn(BaseModel):
 
     rater: Token
     pair: Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]  # a SQL BIGINT
-    answer: Annotated[int, Field(strict=True, ge=-2, le=2, description="+2 .. -2, see `scale`.")]
+    answer: Annotated[
+        int, Field(strict=True, ge=LOWEST, le=HIGHEST, description="One of the answers of `scale`.")
+    ]
 
 
 class RatingStored(BaseModel):
@@ -156,11 +156,11 @@ class MethodResults(BaseModel):
     pairs: int
     ratings: int
     raters: int = Field(description="Distinct raters who rated this method's pairs.")
-    mean: float | None = Field(description="Mean score from the stronger model's side, -2..2; null: none.")
+    mean: float | None = Field(description="Mean score from the stronger model's side; null: none.")
     ci_low: float | None = Field(description="Bootstrap 95% interval, lower end; null with < 2 ratings.")
     ci_high: float | None = Field(description="Bootstrap 95% interval, upper end; null with < 2 ratings.")
     ci_note: str | None = Field(description="Why the interval is missing or degenerate; else null.")
-    counts: dict[str, int] = Field(description="Ratings per score from the stronger side, '-2'..'2'.")
+    counts: dict[str, int] = Field(description="Ratings per score from the stronger side, lowest first.")
 
 
 class Results(BaseModel):
@@ -174,3 +174,4 @@ class Results(BaseModel):
     ratings: int
     raters: int
     methods: list[MethodResults]
+    scale: list[ScaleStep] = Field(default_factory=_scale, description="The answers, from the top down.")

@@ -1,10 +1,10 @@
 """The study's statistics and its raw ratings as CSV.
 
-Each rating is scored from the stronger model's side: the rater's answer (+2 "Robot A is clearly more
-reliable than Robot B" .. -2 "clearly less") when the stronger model was shown as Robot A, its negation
-when it was Robot B. So a positive mean says the raters trusted the stronger model more, as in the
-Grad-CAM paper's Table (Selvaraju et al., ICCV 2017, section 5.2: +1.27 with Guided Grad-CAM, +1.00 with
-Guided Backpropagation, VGG-16 against AlexNet).
+Each rating is scored from the stronger model's side: the rater's answer (on
+:data:`gradcam.study.scale.SCALE`, +2 "Robot A is clearly more reliable than Robot B" .. -2 "clearly
+less") when the stronger model was shown as Robot A, its negation when it was Robot B. So a positive mean
+says the raters trusted the stronger model more, as in the Grad-CAM paper's Table (Selvaraju et al., ICCV
+2017, section 5.2: +1.27 with Guided Grad-CAM, +1.00 with Guided Backpropagation, VGG-16 against AlexNet).
 
 Per method: the mean score, a 95% bootstrap confidence interval of the mean (:func:`scipy.stats.bootstrap`,
 percentile method, :data:`RESAMPLES` resamples, fixed seed :data:`BOOTSTRAP_SEED`, so the same ratings
@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import stats
 
-from gradcam.serve.study.store import Rating, Study
+from gradcam.study.scale import ANSWERS
+from gradcam.study.store import Rating, StudyRow
 
 # SciPy >= 1.15 takes the generator as `rng` (and deprecates `random_state`); older ones as `random_state`.
 _RNG = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
@@ -70,13 +71,13 @@ class MethodResult:
     ratings: int
     raters: int
     interval: Interval
-    #: Number of ratings per score from the stronger side, -2..2 (all five keys present).
+    #: Number of ratings per score from the stronger side, lowest first (every answer of the scale).
     counts: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class StudyResults:
-    study: Study
+    study: StudyRow
     methods: list[MethodResult]
     ratings: int
     raters: int
@@ -113,7 +114,7 @@ def mean_interval(
     return Interval(mean, float(low), float(high), None)
 
 
-def summarise(study: Study, ratings: Sequence[Rating], pairs_per_method: dict[str, int]) -> StudyResults:
+def summarise(study: StudyRow, ratings: Sequence[Rating], pairs_per_method: dict[str, int]) -> StudyResults:
     """Per-method results of ``study`` (in the study's method order) from its ``ratings``."""
     methods = []
     for method in study.methods:
@@ -126,7 +127,7 @@ def summarise(study: Study, ratings: Sequence[Rating], pairs_per_method: dict[st
                 ratings=len(mine),
                 raters=len({r.rater for r in mine}),
                 interval=mean_interval(scores),
-                counts={score: scores.count(score) for score in (-2, -1, 0, 1, 2)},
+                counts={score: scores.count(score) for score in sorted(ANSWERS)},
             )
         )
     return StudyResults(study, methods, len(ratings), len({r.rater for r in ratings}))
@@ -162,7 +163,7 @@ def results_dict(results: StudyResults) -> dict:
     }
 
 
-def ratings_csv(study: Study, ratings: Sequence[Rating]) -> str:
+def ratings_csv(study: StudyRow, ratings: Sequence[Rating]) -> str:
     """The raw ratings as CSV text (:data:`CSV_COLUMNS`; time in ISO 8601 UTC)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
