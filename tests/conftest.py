@@ -2,16 +2,42 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+#: Set by .ci/run: there a test that needs a missing module or tool fails instead of skipping.
+REQUIRE_ALL = "GRADCAM_REQUIRE_ALL"
+
+
+def require(name: str, reason: str, *, tool: bool = False) -> Any:
+    """The module ``name``, imported, or with ``tool=True`` the path of the program ``name`` (on PATH, or
+    an absolute path). When it is missing the calling test (or, at module level, the whole module) is
+    skipped with ``reason``, unless ``GRADCAM_REQUIRE_ALL=1``: then it fails, so that CI cannot pass with
+    a part of the suite silently left out."""
+    if tool:
+        found: Any = shutil.which(name)
+        problem = f"{name} not found" if found is None else None
+    else:
+        try:
+            found, problem = importlib.import_module(name), None
+        except ImportError as error:
+            found, problem = None, f"cannot import {name}: {error}"
+    if problem is None:
+        return found
+    if os.environ.get(REQUIRE_ALL) == "1":
+        pytest.fail(f"{reason}; {problem}, and {REQUIRE_ALL}=1 makes that a failure", pytrace=False)
+    pytest.skip(f"{reason} ({problem})", allow_module_level=True)
 
 
 class TinyHead(nn.Module):

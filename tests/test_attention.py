@@ -18,13 +18,13 @@ import torchvision
 from torch import nn
 
 import gradcam
-from conftest import tiny_vit_options
+from conftest import require, tiny_vit_options
 from gradcam import methods
 from gradcam.attention import attention_modules, capture_attention, inside_attention, is_attention
 from gradcam.errors import GradCAMError
 
-timm = pytest.importorskip("timm")
-transformers = pytest.importorskip("transformers")
+timm = require("timm", "the reference models come from timm: pip install -e '.[zoo]'")
+transformers = require("transformers", "the reference models come from transformers: pip install -e '.[zoo]'")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -223,6 +223,7 @@ def test_scene_boxes_hold_the_pasted_object(tmp_path: Path) -> None:
             assert np.array_equal(np.asarray(scene.crop((x0, y0, x1, y1))), np.asarray(expected))
 
 
+# A GPU is hardware, not a tool the set-up installs: this skips without one, also under GRADCAM_REQUIRE_ALL=1.
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_metrics_on_cuda_equal_cpu() -> None:
     torch.manual_seed(0)

@@ -10,7 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray")
+from conftest import require
+
+ray = require("ray", "the Ray engine tests need Ray: pip install -e '.[ray]'")
 
 from gradcam import methods, models  # noqa: E402
 from gradcam.batch.explain import Explainer  # noqa: E402

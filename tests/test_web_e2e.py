@@ -25,6 +25,8 @@ import pytest
 from PIL import Image
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
+from conftest import require
+
 CHROMIUM = Path("/usr/bin/chromium")
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 CHROMIUM_ARGS = [
@@ -43,9 +45,7 @@ PNG = b"\x89PNG\r\n\x1a\n"
 # CI (.ci/run sets GRADCAM_REQUIRE_BROWSER=1) must run these tests: there a missing browser is a failure.
 if not CHROMIUM.exists() and os.environ.get("GRADCAM_REQUIRE_BROWSER") == "1":
     raise RuntimeError("GRADCAM_REQUIRE_BROWSER=1 but /usr/bin/chromium is missing: run .ci/install-chromium")
-pytestmark = pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="the browser tests need Debian's chromium at /usr/bin/chromium"
-)
+require(str(CHROMIUM), "the browser tests need Debian's chromium at /usr/bin/chromium", tool=True)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import gradcam
-from conftest import tiny_vit_options
+from conftest import require, tiny_vit_options
 from gradcam import models
 from gradcam.cli import app
 from gradcam.cli.study import study_app
@@ -198,7 +198,7 @@ def test_explain_a_folder_with_an_hf_model_streams_every_image(
 @pytest.fixture
 def ray_instance():
     """One small local Ray instance, as in test_ray_engine.py (the command uses the running one)."""
-    ray = pytest.importorskip("ray")
+    ray = require("ray", "the Ray engine needs Ray: pip install -e '.[ray]'")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
