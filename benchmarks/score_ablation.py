@@ -85,7 +85,7 @@ def slow_row(
     the complete call (``--full``); with ``topk``, the call explains each image's k best classes."""
     record: dict[str, int] = {}
     keep = None if args.full else args.sample
-    cam = truncated(method, keep, record)(model, args.layer, batch_size=args.chunk, progress=False)
+    cam = truncated(method, keep, record)(model, args.layer, batch_size=args.chunk)
 
     def call() -> object:
         return cam(x, topk=topk)
@@ -126,7 +126,7 @@ def main() -> None:
         f"{args.chunk} perturbed inputs per forward, {timing.machine(device)}"
     )
 
-    ablation = AblationCAM(model, args.layer, batch_size=args.chunk, progress=False)
+    ablation = AblationCAM(model, args.layer, batch_size=args.chunk)
     fast = [
         timing.inference(model, x),
         Contender("ablationcam (fx tail)", lambda: ablation(x)),
@@ -134,8 +134,8 @@ def main() -> None:
     for contender in fast:  # warm-up
         contender.call()
     whole = whole_model(AblationCAM)
-    truncated(ScoreCAM, 1, {})(model, args.layer, batch_size=args.chunk, progress=False)(x)  # warm-up
-    truncated(whole, 1, {})(model, args.layer, batch_size=args.chunk, progress=False)(x)
+    truncated(ScoreCAM, 1, {})(model, args.layer, batch_size=args.chunk)(x)  # warm-up
+    truncated(whole, 1, {})(model, args.layer, batch_size=args.chunk)(x)
 
     slow: list[Contender] = []
 

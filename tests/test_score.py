@@ -478,55 +478,44 @@ def test_options_are_checked(method: type) -> None:
     assert not method.uses_gradients
 
 
-class FakeProgress:
-    """Stands in for rich's Progress and records what the method did with it."""
-
-    created: list[FakeProgress] = []
-
-    def __init__(self, *columns: object, **options: object) -> None:
-        self.total, self.advanced = 0, 0
-        FakeProgress.created.append(self)
-
-    def __enter__(self) -> FakeProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def add_task(self, description: str, total: int) -> int:
-        self.total = total
-        return 0
-
-    def advance(self, task: int) -> None:
-        self.advanced += 1
-
-
-@pytest.mark.parametrize(
-    ("progress", "tty", "batch_size", "shown"),
-    [
-        (True, False, 64, True),  # asked for
-        (False, True, 1, False),  # refused
-        (None, True, 1, True),  # automatic: 2 images x 6 channels = 12 chunks >= 10
-        (None, False, 1, False),  # automatic, not a terminal
-        (None, True, 64, False),  # automatic, 2 chunks
-    ],
-)
-def test_progress_bar(
-    monkeypatch: pytest.MonkeyPatch, progress: bool | None, tty: bool, batch_size: int, shown: bool
-) -> None:
-    FakeProgress.created = []
-    monkeypatch.setattr(score, "Progress", FakeProgress)
-    monkeypatch.setattr(score, "AUTO_PROGRESS_CHUNKS", 10)
-    monkeypatch.setattr(score.sys.stderr, "isatty", lambda: tty, raising=False)
+@pytest.mark.parametrize("batch_size", [1, 64])
+def test_progress_is_reported_through_a_callback(batch_size: int) -> None:
+    reports: list[tuple[int, int]] = []
     model = SmallNet().double().eval()
     x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
-    AblationCAM(model, "layer", batch_size=batch_size, progress=progress)(x, [0, 1])
-    assert len(FakeProgress.created) == int(shown)
-    if shown:
-        bar = FakeProgress.created[0]
-        live = int(model.features(x).flatten(2).ne(0).any(dim=2).sum())  # channels not zero everywhere
-        expected = live if batch_size == 1 else 2
-        assert bar.total == bar.advanced == expected
+    AblationCAM(
+        model, "layer", batch_size=batch_size, progress=lambda done, total: reports.append((done, total))
+    )(x, [0, 1])
+    live = int(model.features(x).flatten(2).ne(0).any(dim=2).sum())  # channels not zero everywhere
+    expected = live if batch_size == 1 else 2
+    assert reports == [(done, expected) for done in range(expected + 1)]
+    with pytest.raises(GradCAMError, match="progress must be a callable"):
+        AblationCAM(model, "layer", progress=True)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.method)
+def test_several_targets_share_the_perturbed_forwards(method: type) -> None:
+    model = SmallNet().double().eval()
+    torch.manual_seed(3)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    calls = {"images": 0}
+
+    def count(module: nn.Module, args: tuple) -> None:
+        calls["images"] += args[0].shape[0]
+
+    handle = model.register_forward_pre_hook(count)
+    try:
+        together = method(model, "layer", batch_size=4)(x, topk=3)
+        forwards_for_three = calls["images"]
+        calls["images"] = 0
+        method(model, "layer", batch_size=4)(x, together.targets[0])
+        forwards_for_one = calls["images"]
+    finally:
+        handle.remove()
+    assert forwards_for_three == forwards_for_one  # the masked forwards ran once for the three classes
+    for n in range(3):  # and each row is what a call for that row alone gives
+        alone = method(model, "layer", batch_size=4)(x, together.targets[n])
+        torch.testing.assert_close(together.raw[n], alone.raw, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("method", [ScoreCAM, AblationCAM])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -27,25 +27,26 @@ def normalise(maps: torch.Tensor) -> torch.Tensor:
     return maps / scale[..., None, None]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Explanation:
-    """Maps for a batch of B images. Tensors are detached, on the CPU.
+    """Maps for a batch of B images; frozen. Tensors are detached, on the CPU.
 
-    With one target per image (the usual call) the leading shape is (B,); with several targets per
-    image (``targets="all"`` or ``topk=k``) it is (N,B): row n holds every image's n-th target.
+    **Shape rule.** The leading shape of every per-target tensor is the shape of ``targets``, and
+    ``targets`` has the shape of what the caller asked for: one class per image (``targets=None``, an
+    int, B ints, a 1-D tensor) gives (B,); several classes per image (``topk=k``, ``targets="all"``, an
+    (N,B) tensor, and every :func:`gradcam.pipeline.explain` result) give (N,B), row n holding every
+    image's n-th class, also when N is 1. :meth:`rows` gives the (N,B) form of either.
 
     Attributes:
-        raw: (B,h,w) or (N,B,h,w) map at the layer's resolution, not normalised (for Grad-CAM,
-            ReLU(sum_k alpha_k^c A^k)).
-        targets: (B,) or (N,B) class index explained.
-        scores: (B,) or (N,B) the target's pre-softmax score y^c.
-        probs: (B,) or (N,B) the target's softmax probability.
+        raw: (*T, h, w) map at the layer's resolution, not normalised (for Grad-CAM,
+            ReLU(sum_k alpha_k^c A^k)); T the shape of ``targets``.
+        targets: (*T) class index explained.
+        scores: (*T) the target's pre-softmax score y^c.
+        probs: (*T) the target's softmax probability.
         layer: qualified name of the explained module.
         method: the method's name, e.g. "gradcam".
-        logits: (B,classes) the model's pre-softmax output for the batch.
+        logits: (B, classes) the model's pre-softmax output for the batch.
         input_size: (H, W) of the explained inputs.
-        maps: (B,H,W) or (N,B,H,W), ``raw`` upsampled bilinearly to ``input_size``, each map divided by
-            its own maximum. Computed on first access (for all 1000 classes it is large).
     """
 
     raw: torch.Tensor
@@ -56,14 +57,29 @@ class Explanation:
     method: str
     logits: torch.Tensor | None = None
     input_size: tuple[int, int] | None = None
-    _maps: torch.Tensor | None = field(default=None, repr=False)
 
     @cached_property
     def maps(self) -> torch.Tensor:
-        if self._maps is not None:
-            return self._maps
-        size = self.input_size or tuple(self.raw.shape[-2:])
-        return normalise(upsample(self.raw, size))
+        """(*T, H, W): ``raw`` upsampled bilinearly to ``input_size``, each map divided by its own
+        maximum. Computed on first access (for all 1000 classes it is large)."""
+        return self.maps_at(self.input_size or tuple(self.raw.shape[-2:]))
+
+    def maps_at(self, size: tuple[int, int]) -> torch.Tensor:
+        """(*T, H, W): ``raw`` upsampled bilinearly to ``size`` = (H, W) in one step (the size a picture
+        is drawn at), each map divided by its own maximum. Not cached."""
+        return normalise(upsample(self.raw, tuple(size)))
+
+    def rows(self) -> Explanation:
+        """This explanation with a leading (N,B) shape: itself when it has one, else N = 1."""
+        if self.targets.dim() == 2:
+            return self
+        return replace(
+            self,
+            raw=self.raw[None],
+            targets=self.targets[None],
+            scores=self.scores[None],
+            probs=self.probs[None],
+        )
 
     def __len__(self) -> int:
         return self.targets.shape[-1]
@@ -80,7 +96,7 @@ def fuse(explanations: Sequence[Explanation]) -> Explanation:
 
     Each layer's map is upsampled to the input size and normalised (``maps``); the fused map is their
     element-wise maximum (as in LayerCAM's multi-layer fusion, Jiang et al., TIP 2021). Its ``raw`` is
-    that map, at the input's resolution.
+    that map, at the input's resolution (so its ``maps`` is the fused map, normalised).
     """
     if not explanations:
         raise GradCAMError("fuse needs at least one explanation")
@@ -89,14 +105,4 @@ def fuse(explanations: Sequence[Explanation]) -> Explanation:
         if other.maps.shape != first.maps.shape or not torch.equal(other.targets, first.targets):
             raise GradCAMError("fuse needs explanations of the same batch, targets and input size")
     fused = torch.stack([e.maps for e in explanations]).amax(dim=0)
-    return Explanation(
-        raw=fused,
-        targets=first.targets,
-        scores=first.scores,
-        probs=first.probs,
-        layer="+".join(e.layer for e in explanations),
-        method=first.method,
-        logits=first.logits,
-        input_size=first.input_size,
-        _maps=normalise(fused),
-    )
+    return replace(first, raw=fused, layer="+".join(e.layer for e in explanations))

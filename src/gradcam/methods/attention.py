@@ -40,7 +40,7 @@ From the command line they are the methods ``rollout`` and ``chefer`` (``--metho
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -56,8 +56,7 @@ from gradcam.methods.base import (
     _check_device,
     _check_inputs,
     _check_not_inference,
-    _is_2d,
-    _target_rows,
+    row_explanation,
 )
 from gradcam.targets import model_logits
 
@@ -159,18 +158,16 @@ class _AttentionMethod(CAM):
             )
         super().__init__(model)
 
-    def __call__(
+    def explain_rows(
         self,
         inputs: torch.Tensor,
-        targets: object = None,
+        choose: Callable[[torch.Tensor], torch.Tensor],
         *,
-        topk: int | None = None,
         eigen_smooth: bool = False,
         aug_smooth: bool = False,
-    ) -> Explanation:
-        """Explain ``inputs`` (B,C,H,W); targets as for the CAM methods (None: each image's top-1 class,
-        an int, B ints, ``"all"``, an (N,B) tensor, or ``topk``). Returns one Explanation whose ``raw`` is
-        (B,h,w), or (N,B,h,w) with several targets per image, on the patch grid, not normalised."""
+    ) -> list[Explanation]:
+        """One (N,B) Explanation of ``inputs`` (B,C,H,W) whose ``raw`` is on the patch grid, not normalised;
+        the CAM call (:meth:`CAM.__call__`) gives targets and shapes as for every method."""
         if eigen_smooth:
             raise GradCAMError(f"eigen_smooth applies to CAM layers; {self.method} has no channels to smooth")
         if aug_smooth:
@@ -178,7 +175,7 @@ class _AttentionMethod(CAM):
         inputs = _check_inputs(inputs)
         _check_device(self.model, inputs)
         _check_not_inference(self.model)
-        return self._explain_attention(inputs, targets, topk)
+        return [self._explain_attention(inputs, choose)]
 
     def relevance(
         self, maps: AttentionMaps, logits: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor
@@ -186,7 +183,9 @@ class _AttentionMethod(CAM):
         """(n, B, N, N) token relevance for the n target rows of ``ids`` (N,B)."""
         raise NotImplementedError
 
-    def _explain_attention(self, inputs: torch.Tensor, targets: object, topk: int | None) -> Explanation:
+    def _explain_attention(
+        self, inputs: torch.Tensor, choose: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Explanation:
         batch, size = inputs.shape[0], (inputs.shape[2], inputs.shape[3])
         rule = readout_rule(self.model)
         facts = model_facts(self.model)
@@ -202,24 +201,12 @@ class _AttentionMethod(CAM):
             x = inputs.detach().clone()
             with capture_attention(self.model, graph=self.uses_gradients) as (maps, run):
                 logits = model_logits(run(x), batch)
-                ids = _target_rows(logits.detach(), targets, topk)  # (N, B)
+                ids = choose(logits.detach())  # (N, B)
                 scores = logits.gather(1, ids.T).T
                 prefix, rows = _token_rows(rule, facts, grid, maps.probs[0].shape[-1])
                 relevance = self.relevance(maps, logits, ids, scores)
                 raw = _read_out(relevance, prefix, rows, grid).float()
-            logits = logits.detach().float()
-        single = not (isinstance(targets, str) or topk is not None or _is_2d(targets))
-        probs = torch.softmax(logits, dim=1).gather(1, ids.T).T
-        return Explanation(
-            raw=(raw[0] if single else raw).detach().cpu(),
-            targets=(ids[0] if single else ids).cpu(),
-            scores=(scores[0] if single else scores).detach().float().cpu(),
-            probs=(probs[0] if single else probs).cpu(),
-            layer=maps.describe(),
-            method=self.method,
-            logits=logits.cpu(),
-            input_size=size,
-        )
+        return row_explanation(raw, ids, scores, logits, maps.describe(), self.method, size)
 
 
 class AttentionRollout(_AttentionMethod):

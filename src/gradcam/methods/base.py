@@ -8,7 +8,7 @@ whose map is not a weighted sum of channels.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -103,6 +103,9 @@ class CAM:
     class_specific = True
     #: False for methods that read the whole model rather than one layer (the attention methods).
     explains_layer = True
+    #: True for gradient-free methods whose ``layer_map`` takes every target row at once (context.targets
+    #: (n,B), map (n,B,h,w)), so that its perturbed forwards are shared by all targets (Score-CAM).
+    maps_all_rows = False
 
     def __init__(
         self,
@@ -210,24 +213,52 @@ class CAM:
                 scales 1 and 1.25; each map is mapped back to the original geometry (resized to the
                 layer's grid of the original input, mirrored back) before averaging.
 
+        Returns:
+            One :class:`~gradcam.Explanation` for a CAM of one layer; for a CAM built with a list of
+            layers, a list with one per layer in that order (the type is fixed when the CAM is built,
+            never by the call). Its leading shape follows the one rule of :class:`~gradcam.Explanation`:
+            (B,) for one class per image, (N,B) for several.
+
         All targets come from ONE forward pass; several targets per image are differentiated in chunks
         with one batched backward each (``torch.autograd.grad(..., is_grads_batched=True)``).
+        """
+        single = not (isinstance(targets, str) or topk is not None or _is_2d(targets))
+        results = self.explain_rows(
+            inputs,
+            lambda logits: _target_rows(logits, targets, topk),
+            eigen_smooth=eigen_smooth,
+            aug_smooth=aug_smooth,
+        )
+        if single:
+            results = [_one_per_image(e) for e in results]
+        return results if self._multi else results[0]
+
+    def explain_rows(
+        self,
+        inputs: torch.Tensor,
+        choose: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        eigen_smooth: bool = False,
+        aug_smooth: bool = False,
+    ) -> list[Explanation]:
+        """One (N,B) Explanation per layer of ``inputs`` (B,C,H,W), from one forward pass.
+
+        ``choose`` maps the model's logits (B, classes), detached, to the (N,B) long tensor of classes
+        to explain (row n: every image's n-th class); it is how :func:`gradcam.pipeline.explain` asks
+        for per-image classes in the same forward that predicts them.
         """
         inputs = _check_inputs(inputs)
         _check_device(self.model, inputs)
         _check_not_inference(self.model)
         layers = self._resolved_layers(inputs)
         if aug_smooth:
-            results = self._augmented(inputs, targets, topk, eigen_smooth, layers)
-        else:
-            results = self._explain(inputs, targets, topk, eigen_smooth, layers)
-        return results if self._multi else results[0]
+            return self._augmented(inputs, choose, eigen_smooth, layers)
+        return self._explain(inputs, choose, eigen_smooth, layers)
 
     def _explain(
         self,
         inputs: torch.Tensor,
-        targets: object,
-        topk: int | None,
+        choose: Callable[[torch.Tensor], torch.Tensor],
         eigen_smooth: bool,
         layers: list[tuple[str, nn.Module]],
     ) -> list[Explanation]:
@@ -239,22 +270,11 @@ class CAM:
                 logits = model_logits(run(x), batch)
                 activations = captured.activations
                 found = self._layouts(layers, activations, size, batch)
-                ids = _target_rows(logits.detach(), targets, topk)  # (N, B)
+                ids = choose(logits.detach())  # (N, B)
                 scores = logits.gather(1, ids.T).T
                 raws = self._raw_maps(x, logits, ids, scores, activations, layers, found, eigen_smooth)
-            logits = logits.detach().float()
-        single = not (isinstance(targets, str) or topk is not None or _is_2d(targets))
-        probs = torch.softmax(logits, dim=1).gather(1, ids.T).T
-        shared = {
-            "targets": (ids[0] if single else ids).cpu(),
-            "scores": (scores[0] if single else scores).detach().float().cpu(),
-            "probs": (probs[0] if single else probs).cpu(),
-            "logits": logits.cpu(),
-            "method": self.method,
-            "input_size": size,
-        }
         return [
-            Explanation(raw=(raw[0] if single else raw).cpu(), layer=name, **shared)
+            row_explanation(raw, ids, scores, logits, name, self.method, size)
             for (name, _), raw in zip(layers, raws, strict=True)
         ]
 
@@ -311,6 +331,8 @@ class CAM:
             return one(grad, ids)  # every row at once: G carries the leading (n,) dimension
         if not self.class_specific:
             return one(None, ids[0])[None].expand(len(ids), *activation.shape[:1], *activation.shape[2:])
+        if self.maps_all_rows:
+            return one(None, ids)  # the method scores every row from one set of perturbed forwards
         return torch.stack([one(None, row) for row in ids])
 
     def _gradient_chunks(
@@ -342,15 +364,13 @@ class CAM:
     def _augmented(
         self,
         inputs: torch.Tensor,
-        targets: object,
-        topk: int | None,
+        choose: Callable[[torch.Tensor], torch.Tensor],
         eigen_smooth: bool,
         layers: list[tuple[str, nn.Module]],
     ) -> list[Explanation]:
-        original = self._explain(inputs, targets, topk, eigen_smooth, layers)
+        original = self._explain(inputs, choose, eigen_smooth, layers)
         # Every augmented pass explains the classes chosen on the original image.
-        fixed = original[0].targets
-        fixed = fixed if fixed.dim() == 2 else fixed[None]
+        fixed = original[0].targets.to(inputs.device)
         totals = [e.raw.clone() for e in original]
         passes = 1
         for flip in (False, True):
@@ -358,28 +378,65 @@ class CAM:
                 if not flip and scale == 1.0:
                     continue
                 augmented = _augment(inputs, flip, scale)
-                try:
-                    explained = self._explain(augmented, fixed.to(inputs.device), None, eigen_smooth, layers)
-                except GradCAMError:
-                    raise
-                except (AssertionError, RuntimeError, ValueError) as error:
-                    # A model built for one input size (a timm ViT with a fixed patch grid) refuses the
-                    # rescaled copies: say so in one line rather than surface its traceback.
-                    size = "x".join(map(str, augmented.shape[2:]))
-                    reason = " ".join(str(error).split())[:160] or type(error).__name__
-                    raise GradCAMError(
-                        f"aug_smooth: the model does not take the {scale}x-scaled {size} input ({reason}); "
-                        "it needs a fixed input size, so explain without aug_smooth"
-                    ) from None
+                explained = self._explain_augmented(augmented, fixed, eigen_smooth, layers, scale)
                 for total, e in zip(totals, explained, strict=True):
-                    raw = e.raw if e.raw.dim() == 4 else e.raw[None]
-                    back = upsample(raw, tuple(total.shape[-2:]))
-                    total += (back.flip(-1) if flip else back).reshape(total.shape)
+                    back = upsample(e.raw, tuple(total.shape[-2:]))
+                    total += back.flip(-1) if flip else back
                 passes += 1
-        for e, total in zip(original, totals, strict=True):
-            e.raw = total / passes
-            e.__dict__.pop("maps", None)
-        return original
+        return [replace(e, raw=total / passes) for e, total in zip(original, totals, strict=True)]
+
+    def _explain_augmented(
+        self,
+        augmented: torch.Tensor,
+        fixed: torch.Tensor,
+        eigen_smooth: bool,
+        layers: list[tuple[str, nn.Module]],
+        scale: float,
+    ) -> list[Explanation]:
+        try:
+            return self._explain(augmented, lambda logits: fixed, eigen_smooth, layers)
+        except GradCAMError:
+            raise
+        except (AssertionError, RuntimeError, ValueError) as error:
+            # A model built for one input size (a timm ViT with a fixed patch grid) refuses the rescaled
+            # copies: say so in one line rather than surface its traceback.
+            size = "x".join(map(str, augmented.shape[2:]))
+            reason = " ".join(str(error).split())[:160] or type(error).__name__
+            raise GradCAMError(
+                f"aug_smooth: the model does not take the {scale}x-scaled {size} input ({reason}); "
+                "it needs a fixed input size, so explain without aug_smooth"
+            ) from None
+
+
+def row_explanation(
+    raw: torch.Tensor,
+    ids: torch.Tensor,
+    scores: torch.Tensor,
+    logits: torch.Tensor,
+    layer: str,
+    method: str,
+    size: tuple[int, int],
+) -> Explanation:
+    """The (N,B) Explanation of raw maps (N,B,h,w) for classes ``ids`` (N,B) with their scores (N,B),
+    from the batch's ``logits``; everything detached, on the CPU, in float32."""
+    logits = logits.detach().float()
+    probs = torch.softmax(logits, dim=1).gather(1, ids.T).T
+    return Explanation(
+        raw=raw.detach().float().cpu(),
+        targets=ids.cpu(),
+        scores=scores.detach().float().cpu(),
+        probs=probs.cpu(),
+        layer=layer,
+        method=method,
+        logits=logits.cpu(),
+        input_size=size,
+    )
+
+
+def _one_per_image(explanation: Explanation) -> Explanation:
+    """The (B,) form of a one-row (1,B) Explanation."""
+    e = explanation
+    return replace(e, raw=e.raw[0], targets=e.targets[0], scores=e.scores[0], probs=e.probs[0])
 
 
 #: Target rows differentiated together hold at most this many gradient elements (bounds memory).

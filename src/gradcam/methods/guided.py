@@ -162,6 +162,18 @@ class GuidedBackprop:
 
     def _explain(self, inputs: torch.Tensor, targets: TargetSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """Guided gradients (CPU) and the resolved class ids (B,)."""
+        _, ids, grads = self.explain_rows(inputs, lambda logits: resolve(logits, targets)[None])
+        return grads[0], ids[0]
+
+    def explain_rows(
+        self, inputs: torch.Tensor, choose: Callable[[torch.Tensor], torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (B, classes), ids (N,B), guided gradients (N,B,C,H,W)) from ONE guided forward.
+
+        ``choose`` maps the detached logits to the (N,B) classes to explain, as for
+        :meth:`gradcam.methods.CAM.explain_rows`; the N rows are differentiated by one batched backward
+        (row by row where an operation has no batching rule). Tensors come back detached, on the CPU.
+        """
         inputs = _check_inputs(inputs)
         _check_device(self.model, inputs)
         _check_not_inference(self.model)
@@ -171,15 +183,36 @@ class GuidedBackprop:
             with _GuidedReLUs():
                 # A clone, not the leaf: the model may rewrite its input in place (a leading in-place ReLU).
                 logits = model_logits(self.model(x.clone()), inputs.shape[0])
-            ids = resolve(logits.detach(), targets)
-            scores = logits.gather(1, ids[:, None])[:, 0]
+            ids = choose(logits.detach())
+            scores = logits.gather(1, ids.T).T
             if not scores.requires_grad:
                 raise GradCAMError(
                     "no gradient reaches the input from the model output "
                     "(does the model run under torch.no_grad() or detach its input?)"
                 )
-            (grads,) = torch.autograd.grad(scores.sum(), x)
-        return grads.detach().cpu(), ids.cpu()
+            grads = _row_gradients(logits, x, ids)
+        return logits.detach().cpu(), ids.cpu(), grads.detach().cpu()
+
+
+def _row_gradients(logits: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """(N,B,C,H,W) d(logits[b, ids[n, b]])/dx for every row n."""
+    if ids.shape[0] == 1:
+        (grads,) = torch.autograd.grad(logits.gather(1, ids.T).sum(), x)
+        return grads[None]
+    selector = torch.zeros(ids.shape[0], *logits.shape, device=logits.device, dtype=logits.dtype)
+    selector.scatter_(2, ids[:, :, None], 1.0)
+    try:
+        (grads,) = torch.autograd.grad(logits, x, selector, retain_graph=True, is_grads_batched=True)
+        return grads
+    except RuntimeError:  # an operation without a batching rule: one backward per row
+        return torch.stack([torch.autograd.grad(logits, x, row, retain_graph=True)[0] for row in selector])
+
+
+def guided_gradcam(guided: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+    """Guided Grad-CAM: guided gradients (..., C, H, W) times the normalised Grad-CAM maps (..., H, W)
+    at the input's size, broadcast over the channels (Selvaraju et al., ICCV 2017, section 3.1). The one
+    place the product is computed."""
+    return guided * maps[..., None, :, :].to(guided.dtype)
 
 
 class GuidedGradCAM:
@@ -213,4 +246,4 @@ class GuidedGradCAM:
         """Guided Grad-CAM (B,C,H,W), detached, on the CPU."""
         guided, ids = self.guided._explain(inputs, targets)
         explanation = self.cam(inputs, ids)  # the engine runs on its own copy of the inputs
-        return guided * explanation.maps[:, None].to(guided.dtype)
+        return guided_gradcam(guided, explanation.maps)

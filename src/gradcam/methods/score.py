@@ -10,21 +10,19 @@ perturbed along that channel, so each costs one forward per channel and image. T
 * for Ablation-CAM, running only the part of the network *after* the layer on the cached, ablated
   activations (the peers re-run the whole network for every channel).
 
-A rich progress bar shows the chunks when ``progress=True``, or by itself when there are at least 20
-chunks and stderr is a terminal.
+Every target of an image is scored from the same perturbed forwards (``topk=3`` costs what ``topk=1``
+does). Progress is reported through a callback ``progress(done, total)`` counted in chunks; the caller
+(the CLI) draws the bar.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import fx, nn
 from torch.nn.modules import module as torch_module
 
@@ -33,17 +31,22 @@ from gradcam.layouts import LayoutSpec
 from gradcam.methods.base import CAM, LayersSpec, MapContext
 from gradcam.targets import model_logits
 
-AUTO_PROGRESS_CHUNKS = 20
-"""With ``progress=None`` a bar is shown from this many chunks on, when stderr is a terminal."""
+#: Called with (chunks done, chunks in all) as a call proceeds.
+Progress = Callable[[int, int], None]
 
 # Runs the model (or its tail) for image ``index`` on n perturbed versions: returns logits (n, classes).
 Scorer = Callable[[int, torch.Tensor], torch.Tensor]
 
 
 class _ChunkedCAM(CAM):
-    """A gradient-free method that scores K perturbations per image, ``batch_size`` per forward."""
+    """A gradient-free method that scores K perturbations per image, ``batch_size`` per forward.
+
+    Every target of an image is scored from the same perturbed forwards: with ``topk=3`` the masked or
+    ablated inputs run once, not three times (``maps_all_rows``).
+    """
 
     uses_gradients = False
+    maps_all_rows = True
 
     def __init__(
         self,
@@ -51,28 +54,32 @@ class _ChunkedCAM(CAM):
         layer: LayersSpec = None,
         *,
         batch_size: int = 32,
-        progress: bool | None = None,
+        progress: Progress | bool | None = None,
         layout: LayoutSpec = None,
     ) -> None:
         super().__init__(model, layer, layout=layout)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise GradCAMError(f"batch_size must be a positive integer, got {batch_size!r}")
-        if progress is not None and not isinstance(progress, bool):
-            raise GradCAMError(f"progress must be True, False or None (automatic), got {progress!r}")
+        if progress is True or not (progress is None or progress is False or callable(progress)):
+            raise GradCAMError(
+                f"progress must be a callable (done, total) or None, got {progress!r}; the library "
+                "reports progress, the caller draws it"
+            )
         self.batch_size = batch_size
-        self.progress = progress
+        self.progress = progress or None
 
     def layer_map(
         self, activations: torch.Tensor, gradients: torch.Tensor | None, context: MapContext
     ) -> torch.Tensor:
-        """L^c = ReLU(sum_k alpha_k^c A^k), (B,h,w), with the method's alpha."""
-        return torch.relu(torch.einsum("bk,bkhw->bhw", self._weights(activations, context), activations))
+        """L^c = ReLU(sum_k alpha_k^c A^k), (n,B,h,w) for the (n,B) targets, with the method's alpha."""
+        weights = self._weights(activations, context)
+        return torch.relu(torch.einsum("nbk,bkhw->nbhw", weights, activations))
 
     def weighted_activations(
         self, activations: torch.Tensor, gradients: torch.Tensor | None, context: MapContext
     ) -> torch.Tensor:
-        """The terms alpha_k^c A^k (B,K,h,w) whose channel sum is the map before its ReLU."""
-        return self._weights(activations, context)[:, :, None, None] * activations
+        """The terms alpha_k^c A^k (n,B,K,h,w) whose channel sum is the map before its ReLU."""
+        return self._weights(activations, context)[..., None, None] * activations
 
     def _weights(self, activations: torch.Tensor, context: MapContext) -> torch.Tensor:
         with torch.inference_mode():
@@ -80,7 +87,8 @@ class _ChunkedCAM(CAM):
         return weights.clone()  # a normal tensor again, usable outside inference mode
 
     def scored_weights(self, activations: torch.Tensor, context: MapContext) -> torch.Tensor:
-        """Channel weights alpha (B,K), computed under ``torch.inference_mode()``."""
+        """Channel weights alpha (n,B,K) for the (n,B) ``context.targets``, computed under
+        ``torch.inference_mode()``, each perturbed forward scored for all n targets at once."""
         raise NotImplementedError
 
     def _chunks(self, live: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -88,25 +96,19 @@ class _ChunkedCAM(CAM):
         # torch.split of an empty tensor gives one empty chunk: an image with no live channel gets none.
         return [list(torch.split(channels, self.batch_size)) if len(channels) else [] for channels in live]
 
-    @contextmanager
-    def _progress(self, total: int, context: MapContext) -> Iterator[Callable[[], None]]:
-        """Yield a function that advances a progress bar by one chunk (a no-op when no bar is shown)."""
-        show = self.progress
-        if show is None:
-            show = total >= AUTO_PROGRESS_CHUNKS and sys.stderr.isatty()
-        if not show:
-            yield lambda: None
-            return
-        columns = (
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("chunks"),
-            TimeRemainingColumn(),
-        )
-        with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
-            task = bar.add_task(f"{self.method} {context.layer}", total=total)
-            yield lambda: bar.advance(task)
+    def _advance(self, total: int) -> Callable[[], None]:
+        """A function to call after each chunk: reports (done, total) to ``progress`` when given."""
+        report = self.progress
+        if report is None:
+            return lambda: None
+        done = [0]
+        report(0, total)
+
+        def advance() -> None:
+            done[0] += 1
+            report(done[0], total)
+
+        return advance
 
 
 def _normalised_masks(channels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -154,8 +156,7 @@ class ScoreCAM(_ChunkedCAM):
     Args:
         model, layer: as for :class:`gradcam.GradCAM`.
         batch_size: masked inputs per forward.
-        progress: True or False to show a progress bar or not; None (default) shows one for runs of at
-            least 20 chunks when stderr is a terminal.
+        progress: a callable (chunks done, chunks in all), called as the call proceeds; None: silent.
 
     Example:
         >>> cam = ScoreCAM(model, "layer4", batch_size=64)
@@ -165,19 +166,20 @@ class ScoreCAM(_ChunkedCAM):
     method = "scorecam"
 
     def scored_weights(self, activations: torch.Tensor, context: MapContext) -> torch.Tensor:
-        model, x, targets = context.model, context.inputs, context.targets
+        model, x, targets = context.model, context.inputs, context.targets  # targets (n, B)
         size = (x.shape[2], x.shape[3])
         baseline = torch.softmax(model_logits(model(torch.zeros_like(x[:1]))), dim=1)[0]
-        weights = torch.zeros(activations.shape[:2], dtype=activations.dtype, device=activations.device)
+        weights = activations.new_zeros(targets.shape[0], *activations.shape[:2])
         chunks = self._chunks(_non_constant(activations))
-        with self._progress(sum(map(len, chunks)), context) as advance:
-            for index, image_chunks in enumerate(chunks):
-                target = targets[index]
-                for channels in image_chunks:
-                    masks = _normalised_masks(activations[index, channels], size).to(x.dtype)
-                    probs = torch.softmax(model_logits(model(x[index : index + 1] * masks)), dim=1)
-                    weights[index, channels] = (probs[:, target] - baseline[target]).to(weights.dtype)
-                    advance()
+        advance = self._advance(sum(map(len, chunks)))
+        for index, image_chunks in enumerate(chunks):
+            wanted = targets[:, index]  # (n,) classes of this image
+            for channels in image_chunks:
+                masks = _normalised_masks(activations[index, channels], size).to(x.dtype)
+                probs = torch.softmax(model_logits(model(x[index : index + 1] * masks)), dim=1)
+                gain = probs[:, wanted] - baseline[wanted]  # (chunk, n)
+                weights[:, index, channels] = gain.T.to(weights.dtype)
+                advance()
         return weights
 
 
@@ -225,25 +227,25 @@ class AblationCAM(_ChunkedCAM):
     _use_tail = True  # False: always re-run the whole model (the fallback; for tests and benchmarks)
 
     def scored_weights(self, activations: torch.Tensor, context: MapContext) -> torch.Tensor:
-        targets = context.targets
-        weights = torch.zeros(activations.shape[:2], dtype=activations.dtype, device=activations.device)
+        targets = context.targets  # (n, B)
+        weights = activations.new_zeros(targets.shape[0], *activations.shape[:2])
         live = [row.nonzero()[:, 0] for row in activations.flatten(2).ne(0).any(dim=2)]
         chunks = self._chunks(live)
         own = context.output if context.output is not None else activations  # the layer's own layout
         with self._scorer(own, context) as (logits, score):
-            y = logits.gather(1, targets[:, None])[:, 0]
+            y = logits.gather(1, targets.T).T  # (n, B)
             denominator = y.abs().clamp_min(torch.finfo(y.dtype).eps)
-            with self._progress(sum(map(len, chunks)), context) as advance:
-                for index, image_chunks in enumerate(chunks):
-                    target = targets[index]
-                    for channels in image_chunks:
-                        ablated = activations[index].expand(len(channels), -1, -1, -1).clone()
-                        ablated[torch.arange(len(channels), device=channels.device), channels] = 0
-                        ablated = context.layout.layer_output(ablated, like=own[index : index + 1])
-                        ablated_scores = score(index, ablated)[:, target]
-                        slope = (y[index] - ablated_scores) / denominator[index]
-                        weights[index, channels] = slope.to(weights.dtype)
-                        advance()
+            advance = self._advance(sum(map(len, chunks)))
+            for index, image_chunks in enumerate(chunks):
+                wanted = targets[:, index]
+                for channels in image_chunks:
+                    ablated = activations[index].expand(len(channels), -1, -1, -1).clone()
+                    ablated[torch.arange(len(channels), device=channels.device), channels] = 0
+                    ablated = context.layout.layer_output(ablated, like=own[index : index + 1])
+                    ablated_scores = score(index, ablated)[:, wanted].T  # (n, chunk)
+                    slope = (y[:, index, None] - ablated_scores) / denominator[:, index, None]
+                    weights[:, index, channels] = slope.to(weights.dtype)
+                    advance()
         return weights
 
     @contextmanager
