@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -55,7 +55,8 @@ class Result:
         scores: (N,B) pre-softmax score y^c of each row's class.
         probs: (N,B) its softmax probability.
         logits: (B, classes) the model's output, from the same forward.
-        explanation: the (N,B) :class:`~gradcam.Explanation` (None for ``guided-backprop``).
+        explanation: the (N,B) :class:`~gradcam.Explanation` of the method (of Grad-CAM for
+            ``guided-gradcam``; None for ``guided-backprop``).
         guided: (N,B,C,H,W) Guided Backpropagation gradients, when asked for (a pixel method or
             ``guided=True``), else None.
     """
@@ -174,9 +175,6 @@ class Explainer:
                 inputs, choose, aug_smooth=self.aug_smooth, eigen_smooth=self.eigen_smooth
             )
             explanation = fuse(found) if len(found) > 1 else found[0]
-            explanation = (
-                replace(explanation, method=self.method) if self.entry.kind == "pixel" else explanation
-            )
         guided = None
         if self.guided is not None:
             fixed = explanation.targets.to(inputs.device) if explanation is not None else None
