@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from gradcam.errors import GradCAMError
 from gradcam.models.pool import ModelPool
-from gradcam.serve.render import Computed, ImageView, Prepared, compute, draw, stack
+from gradcam.pipeline import Result
+from gradcam.serve.render import ImageView, Prepared, compute, draw, stack
 
 
 class Overloaded(GradCAMError):
@@ -104,7 +105,7 @@ class Batcher:
             views = [error] * len(jobs)
         _settle(jobs, views)
 
-    def _compute(self, key: _Key, jobs: list[_Job]) -> Computed:
+    def _compute(self, key: _Key, jobs: list[_Job]) -> Result:
         loaded = self.pool.get(key.model)
         batch = stack(loaded, [j.prepared for j in jobs])
         with self.pool.lock(key.model):  # only the model work holds the model
@@ -114,7 +115,7 @@ class Batcher:
         self.batches.append(len(jobs))
         return computed
 
-    def _pictures(self, key: _Key, jobs: list[_Job], computed: Computed) -> list[ImageView]:
+    def _pictures(self, key: _Key, jobs: list[_Job], computed: Result) -> list[ImageView]:
         return draw(self.pool.get(key.model), [j.prepared.picture for j in jobs], computed)
 
 

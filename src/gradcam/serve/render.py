@@ -19,13 +19,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from gradcam import methods, viz
-from gradcam.batch.explain import target_grid
-from gradcam.errors import GradCAMError
-from gradcam.explanation import Explanation
-from gradcam.methods import CAM, registry
-from gradcam.methods.guided import GuidedBackprop
+from gradcam import viz
+from gradcam.methods import registry
 from gradcam.models import LoadedModel, model_device
+from gradcam.pipeline import Explainer, Result
 
 #: The hint for a slow method a server does not offer.
 SLOW_HINT = " (enabled with --slow-methods)"
@@ -70,34 +67,19 @@ class ImageView:
     targets: list[TargetView]
 
 
-# CAM objects remember the automatically found layer per input shape: keep one per model, method and
-# layer for as long as the model lives.
-_cams: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str | None], CAM]] = weakref.WeakKeyDictionary()
+# An Explainer remembers the automatically found layer: keep one per model, method and layer for as
+# long as the model lives.
+_explainers: weakref.WeakKeyDictionary[nn.Module, dict[tuple[str, str | None], Explainer]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
-def _cam(module: nn.Module, method: str, layer: str | None) -> CAM:
-    cached = _cams.setdefault(module, {})
+def _explainer(module: nn.Module, method: str, layer: str | None) -> Explainer:
+    cached = _explainers.setdefault(module, {})
     key = (method, layer)
     if key not in cached:
-        cached[key] = methods.get(method)(module, layer)
+        cached[key] = Explainer(module, method, layer=layer)
     return cached[key]
-
-
-def _explain(
-    cam: CAM, batch: torch.Tensor, targets: Sequence[Sequence[int]], topk: int
-) -> tuple[Explanation, list[list[int]]]:
-    """An (N,B) explanation of every wanted class and the wanted lists. One call when every image names
-    its classes or all want their top-1; otherwise a top-1 call first (its logits rank the classes)."""
-    if all(targets):
-        wanted = [list(dict.fromkeys(t)) for t in targets]
-        return cam(batch, target_grid(wanted).to(batch.device)), wanted
-    first = cam(batch)
-    ranking = first.logits.argsort(dim=1, descending=True)
-    wanted = [list(dict.fromkeys(t)) or ranking[row, :topk].tolist() for row, t in enumerate(targets)]
-    ids = target_grid(wanted)
-    if ids.tolist() == [first.targets.tolist()]:
-        return first.rows(), wanted
-    return cam(batch, ids.to(batch.device)), wanted
 
 
 def _display(picture: Image.Image, size: int) -> Image.Image:
@@ -105,16 +87,6 @@ def _display(picture: Image.Image, size: int) -> Image.Image:
         picture = picture.copy()
         picture.thumbnail((size, size), Image.Resampling.BILINEAR)
     return picture
-
-
-@dataclass
-class Computed:
-    """What the model produced for a batch, before any picture is drawn."""
-
-    method: str
-    explanation: Explanation  # (N,B) rows of wanted classes
-    wanted: list[list[int]]
-    guided: torch.Tensor | None  # (N,B,C,H,W) for the guided views
 
 
 @dataclass
@@ -144,57 +116,40 @@ def compute(
     *,
     topk: int = 1,
     layer: str | None = None,
-) -> Computed:
-    """The model work for a batch: hold the model's lock around this call."""
-    entry = method_entry(method)
-    if not 1 <= topk <= len(loaded.labels):
-        raise GradCAMError(f"topk must be between 1 and {len(loaded.labels)}, got {topk}")
-    wanted_in = [list(t) if t else [] for t in (targets or [None] * len(batch))]
-    for classes in wanted_in:
-        for index in classes:
-            if not 0 <= index < len(loaded.labels):
-                raise GradCAMError(
-                    f"target {index} is out of range: the model has {len(loaded.labels)} classes"
-                )
-    guided_view = entry.kind == "pixel"
-    cam = _cam(loaded.module, "gradcam" if guided_view else method, layer)
-    explanation, wanted = _explain(cam, batch, wanted_in, topk)
-    guided = None
-    if guided_view:
-        backprop = GuidedBackprop(loaded.module)
-        guided = torch.stack([backprop(batch, row.tolist()) for row in explanation.targets])  # (N,B,C,H,W)
-        if method == "guided-gradcam":
-            guided = guided * explanation.maps[:, :, None].to(guided.dtype)
-    return Computed(method, explanation, wanted, guided)
+) -> Result:
+    """The model work for a batch, ONE explain step (:class:`gradcam.pipeline.Explainer`): hold the
+    model's lock around this call. ``targets[i]`` lists image i's classes; empty or None: its ``topk``
+    best classes."""
+    method_entry(method)
+    named = [list(t) if t else None for t in (targets or [None] * len(batch))]
+    explainer = _explainer(loaded.module, method, layer)
+    return explainer.explain(batch, named, topk=[0 if t else topk for t in named])
 
 
-def draw(loaded: LoadedModel, pictures: Sequence[Image.Image], computed: Computed) -> list[ImageView]:
-    """The pictures and numbers of a computed batch, drawn on each image's prepared ``picture`` (no model
-    work: run it outside the lock)."""
-    explanation, guided, method = computed.explanation, computed.guided, computed.method
-    probabilities = explanation.logits.softmax(dim=1)
-    top_p, top_i = probabilities.topk(min(5, probabilities.shape[1]), dim=1)
-    cam_view = method != "guided-backprop"
+def draw(loaded: LoadedModel, pictures: Sequence[Image.Image], result: Result) -> list[ImageView]:
+    """The pictures and numbers of an explained batch, drawn on each image's prepared ``picture`` (no
+    model work: run it outside the lock)."""
+    explanation = result.explanation
+    guided = result.pictures() if registry.get(result.method).kind == "pixel" else None
     views = []
-    for row, picture in enumerate(pictures):
+    for row, (picture, top) in enumerate(zip(pictures, result.top(5), strict=True)):
         shown = []
-        for n, index in enumerate(computed.wanted[row]):
-            saliency = explanation.maps[n, row]
+        for n, index in enumerate(result.wanted[row]):
             shown.append(
                 TargetView(
                     index=index,
                     name=loaded.labels[index],
-                    probability=float(explanation.probs[n, row]),
-                    score=float(explanation.scores[n, row]),
-                    heatmap=viz.overlay(picture, saliency, alpha=1.0) if cam_view else None,
+                    probability=float(result.probs[n, row]),
+                    score=float(result.scores[n, row]),
+                    heatmap=None
+                    if explanation is None
+                    else viz.overlay(picture, explanation.maps[n, row], alpha=1.0),
                     guided=viz.guided_image(guided[n, row]) if guided is not None else None,
-                    raw=explanation.raw[n, row].numpy().astype(np.float32) if cam_view else None,
+                    raw=None if explanation is None else explanation.raw[n, row].numpy().astype(np.float32),
                 )
             )
-        predictions = [
-            (int(i), loaded.labels[int(i)], float(p)) for p, i in zip(top_p[row], top_i[row], strict=True)
-        ]
-        views.append(ImageView(loaded.name, method, explanation.layer, picture, predictions, shown))
+        predictions = [(i, loaded.labels[i], p) for i, p in top]
+        views.append(ImageView(loaded.name, result.method, result.layer, picture, predictions, shown))
     return views
 
 

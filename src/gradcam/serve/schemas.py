@@ -106,7 +106,9 @@ class TargetResult(BaseModel):
 class Explained(BaseModel):
     model: str
     method: str
-    layer: str | None = Field(description="The explained layer (automatic unless `layer` was sent).")
+    layer: str | None = Field(
+        description="The explained layer (automatic unless `layer` was sent); null for guided-backprop."
+    )
     size: list[int] = Field(description="(width, height) of the uploaded image.")
     picture: str = Field(
         description="Base64 PNG of the frame the maps register with (the whole image, or the crop the "

@@ -27,18 +27,19 @@ from gradcam import viz
 from gradcam.batch.inputs import collect_images
 from gradcam.errors import GradCAMError, ImageLoadError
 from gradcam.io import load_image
-from gradcam.methods import GradCAM, GuidedBackprop, registry
+from gradcam.methods import registry
 from gradcam.metrics.annotations import load_annotations
 from gradcam.models import LoadedModel, model_device
 from gradcam.models.pool import ModelPool
+from gradcam.pipeline import Explainer, Result
 from gradcam.study.store import PairRow, Skipped
-from gradcam.targets import model_logits, parse_class
+from gradcam.targets import parse_class
 
 #: The kinds of method a study can show: pictures of one class for raters to compare.
 STUDY_KINDS = ("cam", "pixel")
 #: Largest side of a CAM method's picture (the map over the image as the model sees it).
 PICTURE_SIZE = 512
-#: Images explained together (one forward per model and method for each chunk).
+#: Images explained together (one explain step per model for each chunk).
 CHUNK = 8
 
 
@@ -122,28 +123,58 @@ def _frame(loaded: LoadedModel, image: Image.Image) -> Image.Image:
     return picture
 
 
-def _top1(pool: ModelPool, loaded: LoadedModel, images: Sequence[Image.Image]) -> list[int]:
-    batch = torch.stack([loaded.preprocess(image) for image in images])
-    with pool.lock(loaded.name), torch.no_grad():
-        logits = model_logits(loaded.module(batch.to(model_device(loaded.module))))
-    return logits.argmax(dim=1).tolist()
+class _Renderer:
+    """One model's side of a study's pictures, one explain step (:class:`gradcam.pipeline.Explainer`)
+    per chunk of images: :meth:`look` gives each image's top-1 class (for the agreement check), the maps
+    of the main CAM method (Grad-CAM when it or Guided Grad-CAM is shown) and, when a pixel method is
+    shown, the guided gradients, all from one forward/backward and one guided forward; :meth:`pictures`
+    draws them. Another CAM method explains the kept images once more. The explainers are kept for the
+    whole study (each finds its automatic layer once)."""
 
+    def __init__(self, pool: ModelPool, loaded: LoadedModel, methods: Sequence[str]) -> None:
+        self.pool, self.loaded = pool, loaded
+        kinds = {method: registry.get(method).kind for method in methods}
+        cams = [method for method in methods if kinds[method] == "cam"]
+        wants_gradcam = not cams or "gradcam" in methods or "guided-gradcam" in methods
+        self.main = "gradcam" if wants_gradcam else cams[0]
+        self.guided = "pixel" in kinds.values()
+        self._explainers: dict[str, Explainer] = {}
+        self._images: Sequence[Image.Image] = ()
+        self._batch: torch.Tensor | None = None
+        self._result: Result | None = None
 
-def _pictures(
-    pool: ModelPool, loaded: LoadedModel, method: str, images: Sequence[Image.Image], classes: Sequence[int]
-) -> list[bytes]:
-    entry = registry.get(method)
-    batch = torch.stack([loaded.preprocess(image) for image in images]).to(model_device(loaded.module))
-    with pool.lock(loaded.name):
-        if entry.kind == "pixel":
-            guided = GuidedBackprop(loaded.module)(batch, list(classes))
-            if method == "guided-gradcam":
-                guided = guided * GradCAM(loaded.module)(batch, list(classes)).maps[:, None]
-            shown = [viz.guided_image(gradient) for gradient in guided]
+    def _explain(self, method: str, batch: torch.Tensor, targets: list[int] | None = None) -> Result:
+        if method not in self._explainers:
+            guided = self.guided and method == self.main
+            self._explainers[method] = Explainer(self.loaded.module, method, guided=guided)
+        with self.pool.lock(self.loaded.name):
+            return self._explainers[method].explain(batch, targets)
+
+    def look(self, images: Sequence[Image.Image]) -> list[int]:
+        """Explain a chunk of images; each one's top-1 class."""
+        device = model_device(self.loaded.module)
+        self._images = images
+        self._batch = torch.stack([self.loaded.preprocess(image) for image in images]).to(device)
+        self._result = self._explain(self.main, self._batch)
+        return self._result.ids[0].tolist()
+
+    def pictures(self, method: str, kept: Sequence[int], classes: Sequence[int]) -> list[bytes]:
+        """PNGs of ``method``'s picture of the chunk's images at positions ``kept``, each for its class
+        in ``classes`` (their top-1, which :meth:`look` explained)."""
+        assert self._result is not None and self._batch is not None
+        rows = list(kept)
+        if registry.get(method).kind == "pixel":
+            gradients = self._result.guided_gradcam() if method == "guided-gradcam" else self._result.guided
+            assert gradients is not None
+            shown = [viz.guided_image(gradient) for gradient in gradients[0, rows]]
         else:
-            maps = entry.build(loaded.module)(batch, list(classes)).maps
-            shown = [viz.overlay(_frame(loaded, image), m) for image, m in zip(images, maps, strict=True)]
-    return [viz.encode_png(picture) for picture in shown]
+            if method == self.main:
+                maps = self._result.explanation.maps[0, rows]  # type: ignore[union-attr]
+            else:
+                maps = self._explain(method, self._batch[rows], list(classes)).explanation.maps[0]  # type: ignore[union-attr]
+            frames = [_frame(self.loaded, self._images[i]) for i in rows]
+            shown = [viz.overlay(frame, saliency) for frame, saliency in zip(frames, maps, strict=True)]
+        return [viz.encode_png(picture) for picture in shown]
 
 
 def check_models(pool: ModelPool, stronger: str, weaker: str) -> tuple[LoadedModel, LoadedModel]:
@@ -193,6 +224,7 @@ def build_pairs(
     order = list(images)
     if max_images is not None:
         random.Random(seed).shuffle(order)
+    renderers = (_Renderer(pool, strong, methods), _Renderer(pool, weak, methods))
     selection = Selection()
     rendered: list[tuple[str, int, str, bytes, bytes]] = []  # image, class, method, stronger, weaker
     for start in range(0, len(order), CHUNK):
@@ -201,13 +233,12 @@ def build_pairs(
         chunk = _selectable(order[start : start + CHUNK], annotations, selection.skipped)
         if chunk:
             names, pictures = zip(*chunk, strict=True)
-            kept = _agreeing(pool, strong, weak, names, pictures, annotations, selection.skipped)
+            tops = [renderer.look(pictures) for renderer in renderers]
+            kept = _agreeing(strong.labels, names, *tops, annotations, selection.skipped)
             if max_images is not None:
                 kept = kept[: max_images - len(selection.kept)]
             if kept:
-                rendered += _render_chunk(
-                    pool, strong, weak, methods, [(names[i], pictures[i], c) for i, c in kept]
-                )
+                rendered += _render_chunk(renderers, methods, names, kept)
                 selection.kept += [(names[i], c) for i, c in kept]
         if progress is not None:
             progress(min(start + CHUNK, len(order)), len(order))
@@ -236,18 +267,16 @@ def _selectable(
 
 
 def _agreeing(
-    pool: ModelPool,
-    strong: LoadedModel,
-    weak: LoadedModel,
+    labels: Sequence[str],
     names: Sequence[str],
-    pictures: Sequence[Image.Image],
+    strong_top: Sequence[int],
+    weak_top: Sequence[int],
     annotations: dict[str, frozenset[int]] | None,
     skipped: list[Skipped],
 ) -> list[tuple[int, int]]:
     """(position in the chunk, shared class) of the images both models classify alike (and right)."""
-    labels = strong.labels
     kept = []
-    for i, (a, b) in enumerate(zip(_top1(pool, strong, pictures), _top1(pool, weak, pictures), strict=True)):
+    for i, (a, b) in enumerate(zip(strong_top, weak_top, strict=True)):
         if a != b:
             skipped.append(Skipped(names[i], f"the models disagree: '{labels[a]}' and '{labels[b]}'"))
             continue
@@ -261,20 +290,15 @@ def _agreeing(
 
 
 def _render_chunk(
-    pool: ModelPool,
-    strong: LoadedModel,
-    weak: LoadedModel,
+    renderers: Sequence[_Renderer],
     methods: Sequence[str],
-    chunk: Sequence[tuple[str, Image.Image, int]],
+    names: Sequence[str],
+    kept: Sequence[tuple[int, int]],
 ) -> list[tuple[str, int, str, bytes, bytes]]:
-    names, pictures, classes = zip(*chunk, strict=True)
-    out = {}
-    for method in methods:
-        strong_png = _pictures(pool, strong, method, pictures, classes)
-        weak_png = _pictures(pool, weak, method, pictures, classes)
-        out[method] = list(zip(strong_png, weak_png, strict=True))
-    return [
-        (name, index, method, *out[method][i])
-        for i, (name, index) in enumerate(zip(names, classes, strict=True))
+    """(image, class, method, stronger PNG, weaker PNG) of the kept images of a chunk, each method."""
+    positions, classes = [i for i, _ in kept], [c for _, c in kept]
+    out = {
+        method: list(zip(*(r.pictures(method, positions, classes) for r in renderers), strict=True))
         for method in methods
-    ]
+    }
+    return [(names[i], c, method, *out[method][j]) for j, (i, c) in enumerate(kept) for method in methods]
