@@ -28,12 +28,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from gradcam import methods, models
+from gradcam import models
+from gradcam.batch.core import Job
 from gradcam.batch.dataset import OVERLAY_SIZE, ImageDataset, loader
-from gradcam.batch.explain import Explainer
 from gradcam.batch.inputs import collect_images, output_keys
-from gradcam.batch.local import Job, run_local
+from gradcam.batch.local import run_local
 from gradcam.batch.manifest import RunLog
+from gradcam.pipeline import Explainer
 
 TARGET_RATIO = 0.85
 
@@ -79,7 +80,7 @@ def main() -> None:
     loaded = models.load()
     job = Job(
         loaded,
-        Explainer(methods.get("gradcam")(loaded.module)),
+        Explainer(loaded.module, "gradcam"),
         Path("."),
         batch_size=args.batch,
         workers=args.workers,

@@ -41,14 +41,13 @@ def test_cat_is_a_cat_and_the_map_lies_on_the_cat(cat_run) -> None:
     assert cat["predictions"][0]["index"] in CAT_CLASSES
     assert cat["predictions"][0]["probability"] > 0.5
     explained = cat["explanations"][0]
-    assert explained["index"] == cat["predictions"][0]["index"]
+    assert explained["target"] == cat["predictions"][0]["index"]
     overlay = Image.open(explained["files"]["overlay"])
-    assert overlay.size == (451, 300)  # laid over the whole original picture
+    assert overlay.size == (384, 255)  # laid over the whole original picture, at --overlay-size
     raw = np.load(explained["files"]["map"])
     assert raw.shape == (7, 7) and raw.max() > 0
-    # Peak in input coordinates (224x224, the whole frame resized) mapped back to the photo.
-    peak_x = (explained["peak"]["col"] + 0.5) * 451 / 224
-    assert peak_x < CAT_RIGHT_EDGE
+    # The peak in the photo's pixels (the manifest's rule for every run).
+    assert explained["peak"]["x"] < CAT_RIGHT_EDGE and explained["size"] == [451, 300]
     upsampled = np.asarray(Image.fromarray(raw / raw.max()).resize((451, 300), Image.Resampling.BILINEAR))
     assert upsampled[:, :CAT_RIGHT_EDGE].mean() > 2 * upsampled[:, BACKGROUND_LEFT_EDGE:].mean()
 
@@ -67,7 +66,8 @@ def test_writes_overlay_panel_and_map_for_each_image(cat_run) -> None:
             assert set(files) == {"overlay", "panel", "map"}
             for path in files.values():
                 assert Path(path).parent == out and Path(path).stat().st_size > 0
-    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # No temporary files left; the run's lock file stays, as in every run's folder.
+    assert not [p for p in out.iterdir() if p.name.startswith(".") and p.name != ".lock"]
 
 
 def test_cli_map_equals_the_library_map(cat_run) -> None:
@@ -97,13 +97,13 @@ def test_targets_by_name_and_index_topk_and_table(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     explained = json.loads(result.stdout)["results"][0]["explanations"]
-    indices = [e["index"] for e in explained]
+    indices = [e["target"] for e in explained]
     assert indices[:2] == [285, 282] and 281 in indices and len(indices) == len(set(indices)) == 3
     probabilities = [e["probability"] for e in explained[:2]]
     assert probabilities == sorted(probabilities, reverse=True)
     table = gradcam("explain", str(CAT), "--target", "tabby", "--out", str(tmp_path))
     assert table.returncode == 0
-    assert "tabby (281)" in table.stdout and "cat_281-tabby_overlay.png" in table.stdout
+    assert "tabby (281)" in table.stdout and "cat.png_281-tabby_overlay.png" in table.stdout
 
 
 def test_counterfactual_writes_another_map(tmp_path: Path, cat_run) -> None:
@@ -133,7 +133,8 @@ def test_bad_files_are_reported_and_the_rest_processed(tmp_path: Path) -> None:
     assert len(lines) == 4
     for bad, line in zip((missing, corrupt, text, empty), lines, strict=True):
         assert line.startswith("error: ") and str(bad) in line
-    assert (out / "cat_285-egyptian-cat_overlay.png").is_file()
+    # Inputs from several folders are mirrored under --out below their deepest common folder.
+    assert len(list(out.rglob("cat.png_285-egyptian-cat_overlay.png"))) == 1
 
 
 @pytest.mark.parametrize(
@@ -189,11 +190,12 @@ def test_awkward_file_names_get_distinct_outputs_and_print_literally(tmp_path: P
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     assert str(odd) in result.stdout  # printed as given, not parsed as markup
-    written = sorted(p.name for p in out.iterdir())
+    records = ("run.json", "manifest.jsonl", "errors.jsonl", ".lock")
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and p.name not in records)
     assert len(written) == 12 and len({name.lower() for name in written}) == 12
-    maps = {tuple(np.load(p).ravel()[:5]) for p in out.glob("*_map.npy")}
+    maps = {tuple(np.load(p).ravel()[:5]) for p in out.rglob("*_map.npy")}
     assert len(maps) == 2  # three cat copies share a map; the coffee's differs and was not overwritten
-    coffee_map = [p for p in out.glob("*_map.npy") if "espresso" in p.name]
+    coffee_map = [p for p in out.rglob("*_map.npy") if "espresso" in p.name]
     assert len(coffee_map) == 1
 
 

@@ -14,13 +14,14 @@ from conftest import require
 
 ray = require("ray", "the Ray engine tests need Ray: pip install -e '.[ray]'")
 
-from gradcam import methods, models  # noqa: E402
-from gradcam.batch.explain import Explainer  # noqa: E402
+from gradcam import models  # noqa: E402
+from gradcam.batch.core import Job  # noqa: E402
 from gradcam.batch.inputs import collect_images, output_keys  # noqa: E402
-from gradcam.batch.local import Job, run_local  # noqa: E402
+from gradcam.batch.local import run_local  # noqa: E402
 from gradcam.batch.manifest import RunLog  # noqa: E402
 from gradcam.batch.ray_engine import MISSING_RAY, run_ray  # noqa: E402
 from gradcam.errors import GradCAMError  # noqa: E402
+from gradcam.pipeline import Explainer  # noqa: E402
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 # Ray Data's own deprecated settings, warned about when it copies its context.
@@ -52,7 +53,7 @@ def folder(tmp_path_factory) -> Path:
 def job_factory():
     """Jobs over one loaded model (the bundled pretrained EfficientNet-Lite0), each its own --out."""
     loaded = models.load("efficientnet-lite0")
-    explainer = Explainer(methods.get("gradcam")(loaded.module))
+    explainer = Explainer(loaded.module, "gradcam")
 
     def make(out: Path, **options) -> Job:
         return Job(loaded, explainer, out, topk=2, batch_size=2, workers=0, **options)

@@ -16,6 +16,7 @@ import io
 import json
 import re
 import socket
+import time
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,7 @@ def test_explain_a_few_files_writes_patch_grid_maps_equal_to_the_library(zoo, hf
     else:
         result = cli("explain", CAT, COFFEE, "-m", hf_folders[0], "--json", "--out", tmp_path)
         loaded = models.load(hf_folders[0])
-        layer, grid, overlay = hf_layer(loaded), (4, 4), {CAT: (451, 300)}  # no crop: the whole photo
+        layer, grid, overlay = hf_layer(loaded), (4, 4), {CAT: (384, 255)}  # the whole photo, 384 px
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)
     assert document["model"] == loaded.name and document["layer"] == layer
@@ -155,10 +156,10 @@ def test_explain_a_few_files_writes_patch_grid_maps_equal_to_the_library(zoo, hf
             top.values.tolist(), abs=1e-5
         )
         (explained,) = image["explanations"]
-        assert explained["index"] == image["predictions"][0]["index"]
+        assert explained["target"] == image["predictions"][0]["index"]
         raw = np.load(explained["files"]["map"])
         assert raw.shape == grid and raw.max() > 0
-        np.testing.assert_allclose(raw, library_map(loaded, path, explained["index"]), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(raw, library_map(loaded, path, explained["target"]), rtol=1e-5, atol=1e-7)
         for kind in ("overlay", "panel"):
             assert Path(explained["files"][kind]).parent == tmp_path
         with Image.open(explained["files"]["overlay"]) as picture:
@@ -367,7 +368,7 @@ def test_serve_lists_and_explains_with_an_hf_model(served, hf_folders, hf_model)
         raw = np.array(target["raw_map"])
         assert raw.shape == (4, 4)
         np.testing.assert_allclose(raw, library_map(hf_model, CAT, target["index"]), rtol=1e-4, atol=1e-6)
-        assert decode_png(target["overlay"]).size == (451, 300)
+        assert decode_png(target["heatmap"]).size == (451, 300)
 
 
 def test_serve_gives_the_labels_of_an_hf_model(served, hf_folders) -> None:
@@ -388,8 +389,13 @@ def test_the_services_study_renders_pairs_of_two_hf_models(served, hf_folders) -
         "seed": 3,
     }
     response = served.post("/v1/studies", json=body, headers=admin)
-    assert response.status_code == 201, response.text
-    study = response.json()
+    assert response.status_code == 202, response.text  # rendered in the background
+    while (study := served.get(response.json()["status_path"], headers=admin).json())["state"] in (
+        "queued",
+        "rendering",
+    ):
+        time.sleep(0.05)
+    assert study["state"] == "ready", study
     assert study["pairs"] == 6  # 3 images x 2 methods: both models put "cat" first
     rater = served.post(f"/v1/studies/{study['id']}/raters").json()["rater"]
     shown = served.get(f"/v1/studies/{study['id']}/next", params={"rater": rater}).json()
@@ -480,3 +486,47 @@ def test_unknown_zoo_models_are_one_line_exit_2(args: list[str], tmp_path) -> No
     result = cli(*[a.format(tmp=tmp_path) for a in args])
     one_line_error(result, args[args.index("-m") + 1] if "-m" in args else "timm:nosuch")
     assert "not found" in result.stderr
+
+
+# ------------------------------------------------------------------------- forwards, counted
+
+
+@pytest.fixture
+def forwarded(monkeypatch):  # type: ignore[no-untyped-def]
+    """Images through the tiny ViTs' forward, counted while the test runs."""
+    from transformers import ViTForImageClassification
+
+    seen = {"images": 0}
+    original = ViTForImageClassification.forward
+
+    def counting(self, pixel_values=None, *args, **kwargs):  # type: ignore[no-untyped-def]
+        seen["images"] += int(pixel_values.shape[0])
+        return original(self, pixel_values, *args, **kwargs)
+
+    monkeypatch.setattr(ViTForImageClassification, "forward", counting)
+    return seen
+
+
+def test_explain_forwards_each_image_once_for_its_predictions_and_topk_maps(
+    hf_folders, tmp_path, forwarded
+) -> None:
+    result = cli("explain", CAT, COFFEE, "-m", hf_folders[0], "--topk", "3", "--json", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert forwarded["images"] == 1 + 2  # one probe for the automatic layer, then the two images once
+    document = json.loads(result.stdout)
+    assert [len(r["explanations"]) for r in document["results"]] == [3, 3]
+
+
+def test_a_study_forwards_each_image_once_per_model_and_once_guided(hf_folders, tmp_path, forwarded) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, source in enumerate((CAT, COFFEE, CAT, COFFEE)):
+        (folder / f"{index}.png").write_bytes(source.read_bytes())
+    result = cli(
+        "study", "create", "--stronger", hf_folders[0], "--weaker", hf_folders[1], "--images", folder,
+        "--methods", "guided-backprop,guided-gradcam", "--seed", "1", "--db", tmp_path / "study.db",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "8 pairs (4 images x 2 methods)" in result.stdout
+    # Per model: one probe, one forward of the 4 images (top-1 and Grad-CAM), one guided forward.
+    assert forwarded["images"] == 2 * (1 + 4 + 4)

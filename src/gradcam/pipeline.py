@@ -94,14 +94,22 @@ class Result:
         assert self.guided is not None and self.explanation is not None
         return guided_gradcam(self.guided, self.explanation.maps)
 
-    def pictures(self) -> torch.Tensor:
-        """(N,B,C,H,W) the input-space picture of a pixel method: the guided gradients for
-        ``guided-backprop``, Guided Grad-CAM for ``guided-gradcam``."""
-        if self.method == "guided-gradcam":
+    def pictures(self, method: str | None = None) -> torch.Tensor:
+        """(N,B,C,H,W) the input-space picture of a pixel method (default: this result's): the guided
+        gradients for ``guided-backprop``, Guided Grad-CAM for ``guided-gradcam``."""
+        method = method or self.method
+        if method == "guided-gradcam":
             return self.guided_gradcam()
-        if self.guided is None:
-            raise GradCAMError(f"method '{self.method}' gives maps, not input-space pictures")
+        if method != "guided-backprop" or self.guided is None:
+            raise GradCAMError(f"method '{method}' gives maps, not input-space pictures")
         return self.guided
+
+    def pixel_methods(self) -> list[str]:
+        """The registry's pixel methods this result has pictures for."""
+        if self.guided is None:
+            return []
+        pixel = registry.names(["pixel"])
+        return pixel if self.explanation is not None else [m for m in pixel if m == "guided-backprop"]
 
 
 class Explainer:

@@ -1,4 +1,5 @@
-"""Pictures of maps: colormapped heatmaps, overlays, the original | heatmap | overlay panel."""
+"""Pictures of maps: colormapped heatmaps, overlays, the original | heatmap | overlay panel, guided
+pictures."""
 
 from __future__ import annotations
 
@@ -13,13 +14,15 @@ import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from gradcam.errors import GradCAMError
 from gradcam.files import atomic_write_bytes
 
 #: Pictures in a panel are reduced to at most this many pixels on their long side.
 PANEL_PICTURE_SIZE = 640
+#: The map's weight in an overlay: (1 - alpha) * picture + alpha * heatmap.
+OVERLAY_ALPHA = 0.5
 
 
 def _as_array(saliency: torch.Tensor | np.ndarray) -> np.ndarray:
@@ -63,7 +66,7 @@ def heatmap(saliency: torch.Tensor | np.ndarray, cmap: str = "jet") -> Image.Ima
 
 
 def overlay(
-    image: Image.Image, saliency: torch.Tensor | np.ndarray, cmap: str = "jet", alpha: float = 0.5
+    image: Image.Image, saliency: torch.Tensor | np.ndarray, cmap: str = "jet", alpha: float = OVERLAY_ALPHA
 ) -> Image.Image:
     """Blend a colormapped map over ``image``: (1 - alpha) * image + alpha * colormap(map).
 
@@ -81,42 +84,39 @@ def panel(
     saliency: torch.Tensor | np.ndarray,
     title: str = "",
     cmap: str = "jet",
-    alpha: float = 0.5,
+    alpha: float = OVERLAY_ALPHA,
 ) -> Image.Image:
     """Original | heatmap | overlay side by side, titled (e.g. with class name and probability).
 
-    The panel is a figure about 900 pixels wide, so large images are first reduced to that scale. The
-    title is drawn as plain text (a '$' in a file name is not TeX).
+    Large images are first reduced to at most PANEL_PICTURE_SIZE pixels on their long side; the map is
+    resized to the picture and colormapped once (see :func:`compose_panel`).
     """
     base = image.convert("RGB")
     if max(base.size) > PANEL_PICTURE_SIZE:
         base = base.copy()
         base.thumbnail((PANEL_PICTURE_SIZE, PANEL_PICTURE_SIZE), Image.Resampling.BILINEAR)
-    fitted = _fit(_as_array(saliency), base.size)
-    pictures = [
-        ("image", base),
-        ("heatmap", heatmap(fitted, cmap)),
-        ("overlay", overlay(base, fitted, cmap, alpha)),
-    ]
-    aspect = base.height / base.width
-    figure = Figure(figsize=(9, 3 * aspect + 0.6), dpi=100)
-    FigureCanvasAgg(figure)
-    for index, (name, picture) in enumerate(pictures):
-        axes = figure.add_subplot(1, 3, index + 1)
-        axes.imshow(picture)
-        axes.set_title(name, fontsize=9)
-        axes.axis("off")
+    if not 0.0 <= alpha <= 1.0:
+        raise GradCAMError(f"alpha must be between 0 and 1, got {alpha}")
+    heat = heatmap(_fit(_as_array(saliency), base.size), cmap)
+    return compose_panel(base, heat, Image.blend(base, heat, alpha), title)
+
+
+def compose_panel(
+    picture: Image.Image, heat: Image.Image, blended: Image.Image, title: str = ""
+) -> Image.Image:
+    """Three pictures of one size (the picture, its heatmap, their overlay) side by side on white, with
+    the title as plain text above them, drawn directly (no figure, no PNG round trip)."""
+    width, height = picture.size
+    gap = max(4, min(width, height) // 40)
+    font = ImageFont.load_default(size=max(10, min(18, height // 14)))
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    top = draw.textbbox((0, 0), "Ag", font=font)[3] + 2 * gap  # the same with or without a title
+    canvas = Image.new("RGB", (3 * width + 4 * gap, height + top + gap), (255, 255, 255))
+    for index, part in enumerate((picture, heat, blended)):
+        canvas.paste(part.convert("RGB"), (gap + index * (width + gap), top))
     if title:
-        figure.suptitle(title, fontsize=11, parse_math=False)
-    buffer = _io.BytesIO()
-    with warnings.catch_warnings():
-        # Characters the default font lacks (CJK file names) are drawn as boxes; no warning on stderr.
-        warnings.filterwarnings("ignore", message="Glyph .* missing from", category=UserWarning)
-        figure.tight_layout()
-        figure.savefig(buffer, format="png")
-    buffer.seek(0)
-    with Image.open(buffer) as rendered:
-        return rendered.convert("RGB")
+        ImageDraw.Draw(canvas).text((canvas.width // 2, gap), title, fill=(0, 0, 0), font=font, anchor="mt")
+    return canvas
 
 
 def save_figure(figure: Figure, path: str | os.PathLike[str], *, tight: bool = True) -> Path:

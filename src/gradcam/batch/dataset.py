@@ -50,15 +50,14 @@ class ImageDataset(Dataset):
         path = self.paths[index]
         try:
             image = io.load_image(path)
-            tensor = self.preprocess(image)
-            frame = self.preprocess.frame(image)
+            tensor, frame = self.preprocess.prepare(image)
         except ImageLoadError as error:
             return Sample(index, error=str(error))
         except (OSError, ValueError) as error:  # a file that decodes but breaks a transform
             return Sample(index, error=f"{path}: cannot be read as an image ({error})")
         size = frame.size
         if self.overlay_size and max(size) > self.overlay_size:
-            # frame() returns a new RGB image of our own (convert or resize): shrink it in place.
+            # prepare() gives the frame as a new RGB image of our own: shrink it in place.
             frame.thumbnail((self.overlay_size, self.overlay_size), Image.Resampling.BILINEAR)
         return Sample(index, tensor, np.asarray(frame), size)
 

@@ -8,8 +8,8 @@ The pipeline is a Ray Data stream: ``from_items`` (index, path, key of every ima
 :class:`~gradcam.batch.dataset.ImageDataset` does; an unreadable file becomes a row with an ``error``,
 never an exception) -> ``map_batches(_ExplainActor)`` (a fixed pool of actors, one GPU each when the
 job's model is on CUDA: each loads the job ONCE, explains a batch with
-:func:`~gradcam.batch.explain.explain_batch`, writes its overlays and maps with
-:func:`~gradcam.batch.local.records_for` and returns the manifest lines as a JSON string column) -> the
+:func:`~gradcam.batch.core.explain`, writes its overlays and maps with
+:func:`~gradcam.batch.core.records_for` and returns the manifest lines as a JSON string column) -> the
 driver, which appends the lines of each batch to ``manifest.jsonl`` as it arrives (after the workers
 wrote the files, so the crash rule of :mod:`gradcam.batch.manifest` holds), records errors and reports
 progress.
@@ -33,7 +33,6 @@ import io
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
@@ -43,9 +42,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradcam.batch import core
+from gradcam.batch.core import Job, Summary, Tally
 from gradcam.batch.dataset import ImageDataset, Sample
-from gradcam.batch.explain import explain_batch
-from gradcam.batch.local import Job, Summary, records_for
 from gradcam.batch.manifest import RunLog
 from gradcam.errors import GradCAMError
 from gradcam.models import Preprocess
@@ -77,7 +76,7 @@ def run_ray(
 ) -> Summary:
     """Explain every image not yet done in ``log`` on Ray, as :func:`~gradcam.batch.local.run_local` does.
 
-    Same arguments, files, manifest lines, errors and :class:`~gradcam.batch.local.Summary`;
+    Same arguments, files, manifest lines, errors and :class:`~gradcam.batch.core.Summary`;
     ``job.workers`` is not used (Ray Data sizes the decoding itself).
 
     Args:
@@ -111,27 +110,17 @@ def run_ray(
             "are gathered in one process)"
         )
     on_gpu = _on_gpu(job, device)
-    started = time.perf_counter()
-    summary = Summary(already_done=sum(1 for k in keys if k in log.done))
-    todo = [i for i, key in enumerate(keys) if key not in log.done]
+    tally = Tally(log, keys, progress, on_error)
+    todo = core.pending(keys, log)
     if todo:
         with _connected(ray, address):
-            _stream(
-                ray,
-                job,
-                on_gpu,
-                [paths[i] for i in todo],
-                [keys[i] for i in todo],
-                log,
-                summary,
-                concurrency,
-                actor_cpus,
-                progress,
-                on_error,
+            dataset = _pipeline(
+                ray, job, on_gpu, [paths[i] for i in todo], [keys[i] for i in todo], concurrency, actor_cpus
             )
-    log.finish()
-    summary.seconds = time.perf_counter() - started
-    return summary
+            with _quiet(ray):
+                for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                    _record(batch, tally)
+    return tally.finish()
 
 
 def _on_gpu(job: Job, device: str | None) -> bool:
@@ -147,20 +136,16 @@ def _on_gpu(job: Job, device: str | None) -> bool:
     return kind == "cuda"
 
 
-def _stream(
+def _pipeline(
     ray: Any,
     job: Job,
     on_gpu: bool,
     paths: list[Path],
     keys: list[str],
-    log: RunLog,
-    summary: Summary,
     concurrency: int | None,
     actor_cpus: float | None,
-    progress: Callable[[int], None] | None,
-    on_error: Callable[[str], None] | None,
-) -> None:
-    """Run the pipeline over the images still to do, recording what comes back in the driver."""
+) -> Any:
+    """The Ray Data stream over the images still to do: decoding tasks, then the explaining actors."""
     resources = ray.cluster_resources()
     if on_gpu and resources.get("GPU", 0) < 1:
         raise GradCAMError(
@@ -176,7 +161,7 @@ def _stream(
         {"index": i, "image": str(p), "read": str(Path(p).absolute()), "key": k}
         for i, (p, k) in enumerate(zip(paths, keys, strict=True))
     ]
-    dataset = (
+    return (
         ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / job.batch_size)))
         .map_batches(
             _decode,
@@ -195,29 +180,25 @@ def _stream(
             num_cpus=actor_cpus,
         )
     )
-    with _quiet(ray):
-        for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-            fatal = next((str(f) for f in batch["fatal"] if f), "")
-            if fatal:
-                raise GradCAMError(fatal)
-            records: list[dict] = []
-            for key, image, lines, error, layer in zip(
-                batch["key"], batch["image"], batch["records"], batch["error"], batch["layer"], strict=True
-            ):
-                if error:
-                    summary.errors += 1
-                    summary.failed.append(str(image))
-                    log.error(str(key), str(image), str(error))
-                    if on_error is not None:
-                        on_error(str(error))
-                elif lines:
-                    records += json.loads(str(lines))
-                    summary.layer = str(layer)
-            log.append(records)
-            summary.images += len({r["key"] for r in records})
-            summary.targets += len(records)
-            if progress is not None:
-                progress(len(batch["key"]))
+
+
+def _record(batch: dict[str, np.ndarray], tally: Tally) -> None:
+    """What the actors sent back for one batch, recorded in the driver (files are already in place)."""
+    fatal = next((str(f) for f in batch["fatal"] if f), "")
+    if fatal:
+        raise GradCAMError(fatal)
+    records: list[dict] = []
+    layer = None
+    for key, image, lines, error, found in zip(
+        batch["key"], batch["image"], batch["records"], batch["error"], batch["layer"], strict=True
+    ):
+        if error:
+            tally.failed(str(key), str(image), str(error))
+        elif lines:
+            records += json.loads(str(lines))
+            layer = str(found)
+    tally.written(records, layer)
+    tally.handled(len(batch["key"]))
 
 
 def _serialise(job: Job) -> bytes:
@@ -328,8 +309,49 @@ class _ExplainActor:
         self.device = torch.device(device)
         self.job: Job = torch.load(io.BytesIO(data), map_location=self.device, weights_only=False)
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _explain(
+        self,
+        batch: dict[str, np.ndarray],
+        good: list[int],
+        keys: list[str],
+        images: list[str],
+        errors: list[str],
+        lines: list[str],
+    ) -> tuple[str, str]:
+        """Explain and write the readable rows; fills ``errors`` and ``lines``, returns (fatal, layer)."""
         job = self.job
+        inputs = torch.as_tensor(np.stack([batch["tensor"][row] for row in good])).to(self.device)
+        try:
+            result = core.explain(job, inputs)
+        except GradCAMError as error:
+            return str(error), ""
+        except RuntimeError as error:  # the model's own forward failed on these inputs
+            reason = core.failure_reason(error)
+            for row in good:
+                errors[row] = f"{images[row]}: model failed ({reason})"
+            return "", ""
+        samples = [
+            Sample(
+                row,
+                picture=np.asarray(batch["picture"][row]),
+                frame_size=(int(batch["size"][row][0]), int(batch["size"][row][1])),
+            )
+            for row in good
+        ]
+        try:
+            records = core.records_for(
+                job, samples, [keys[r] for r in good], [Path(images[r]) for r in good], result, None
+            )
+        except OSError as error:
+            return f"cannot write the outputs in {job.out}: {error.strerror or error}", ""
+        per_key: dict[str, list[dict]] = {}
+        for record in records:
+            per_key.setdefault(record["key"], []).append(record)
+        for row in good:
+            lines[row] = json.dumps(per_key.get(keys[row], []), ensure_ascii=False)
+        return "", result.layer or ""
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         keys = [str(k) for k in batch["key"]]
         images = [str(p) for p in batch["image"]]
         errors = [str(e) for e in batch["error"]]
@@ -337,39 +359,7 @@ class _ExplainActor:
         lines, fatal, layer = [""] * count, "", ""
         good = [row for row in range(count) if not errors[row]]
         if good:
-            inputs = torch.as_tensor(np.stack([batch["tensor"][row] for row in good])).to(self.device)
-            try:
-                result = explain_batch(job.explainer, inputs, job.targets, job.topk)
-            except GradCAMError as error:
-                fatal, result = str(error), None
-            except RuntimeError as error:  # the model's own forward failed on these inputs
-                text = str(error).strip()
-                reason = text.splitlines()[0] if text else type(error).__name__
-                for row in good:
-                    errors[row] = f"{images[row]}: model failed ({reason})"
-                result = None
-            if result is not None:
-                layer = result.explanation.layer
-                samples = [
-                    Sample(
-                        row,
-                        picture=np.asarray(batch["picture"][row]),
-                        frame_size=(int(batch["size"][row][0]), int(batch["size"][row][1])),
-                    )
-                    for row in good
-                ]
-                try:
-                    records = records_for(
-                        job, samples, [keys[r] for r in good], [Path(images[r]) for r in good], result, None
-                    )
-                except OSError as error:
-                    fatal = f"cannot write the outputs in {job.out}: {error.strerror or error}"
-                else:
-                    per_key: dict[str, list[dict]] = {}
-                    for record in records:
-                        per_key.setdefault(record["key"], []).append(record)
-                    for row in good:
-                        lines[row] = json.dumps(per_key.get(keys[row], []), ensure_ascii=False)
+            fatal, layer = self._explain(batch, good, keys, images, errors, lines)
         return {
             "key": np.array(keys, dtype=object),
             "image": np.array(images, dtype=object),

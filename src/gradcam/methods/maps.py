@@ -57,3 +57,28 @@ def unnormalise(inputs: torch.Tensor, mean: Sequence[float], std: Sequence[float
     m = torch.tensor(mean, dtype=inputs.dtype, device=inputs.device)[:, None, None]
     s = torch.tensor(std, dtype=inputs.dtype, device=inputs.device)[:, None, None]
     return inputs * s + m
+
+
+# The registry's model-free baselines, behind one signature: (inputs (B,C,H,W) normalised as the model
+# takes them, their normalisation, a seeded generator) -> maps (B,h,w).
+
+
+def random_baseline(
+    inputs: torch.Tensor, mean: Sequence[float], std: Sequence[float], generator: torch.Generator
+) -> torch.Tensor:
+    """:func:`random_map` for ``inputs``."""
+    return random_map(len(inputs), (inputs.shape[2], inputs.shape[3]), generator)
+
+
+def center_baseline(
+    inputs: torch.Tensor, mean: Sequence[float], std: Sequence[float], generator: torch.Generator
+) -> torch.Tensor:
+    """:func:`center_map` for ``inputs``."""
+    return center_map(len(inputs), (inputs.shape[2], inputs.shape[3]))
+
+
+def sobel_baseline(
+    inputs: torch.Tensor, mean: Sequence[float], std: Sequence[float], generator: torch.Generator
+) -> torch.Tensor:
+    """:func:`sobel_map` of the picture behind ``inputs``."""
+    return sobel_map(unnormalise(inputs, mean, std))

@@ -27,7 +27,7 @@ from gradcam.methods.baseline import RandomCAM
 from gradcam.methods.eigen import EigenCAM, EigenGradCAM
 from gradcam.methods.gradient import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
 from gradcam.methods.guided import GuidedBackprop, GuidedGradCAM
-from gradcam.methods.maps import center_map, random_map, sobel_map
+from gradcam.methods.maps import center_baseline, random_baseline, sobel_baseline
 from gradcam.methods.score import AblationCAM, ScoreCAM
 
 Kind = Literal["cam", "attention", "pixel", "baseline"]
@@ -42,7 +42,8 @@ class Method:
         name: the name every front end accepts (``--method``, ``"method"`` in the API).
         kind: see the module docstring.
         build: the class (a :class:`CAM` subclass, :class:`GuidedBackprop`, :class:`GuidedGradCAM`) or,
-            for a model-free baseline, the map function of :mod:`gradcam.methods.maps`.
+            for a model-free baseline, its map function of :mod:`gradcam.methods.maps`,
+            ``(inputs, mean, std, generator) -> maps (B,h,w)``.
         description: one line: what it is and its paper.
         slow: one forward per channel of the layer and image (minutes on a CPU); a server offers it only
             when told to.
@@ -118,10 +119,14 @@ _ENTRIES: tuple[Method, ...] = (
         "randomcam", "baseline", RandomCAM,
         "Random CAM: ReLU(sum_k w_k A^k) with w_k ~ U(-1, 1), the layer's activations, no class",
     ),
-    Method("random", "baseline", random_map, "Random map: smooth U(0, 1) noise on a grid 1/32 of the input"),
-    Method("center", "baseline", center_map, "Centre prior: a centred Gaussian, sigma 0.25 of height, width"),
     Method(
-        "sobel", "baseline", sobel_map,
+        "random", "baseline", random_baseline, "Random map: smooth U(0, 1) noise on a grid 1/32 of the input"
+    ),
+    Method(
+        "center", "baseline", center_baseline, "Centre prior: a centred Gaussian, sigma 0.25 of height, width"
+    ),
+    Method(
+        "sobel", "baseline", sobel_baseline,
         "Sobel edges of the picture's luma, an edge detector (Adebayo et al., NeurIPS 2018)",
     ),
 )  # fmt: skip

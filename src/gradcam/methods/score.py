@@ -371,31 +371,9 @@ def _cut_after(context: MapContext, activations: torch.Tensor) -> _Tail:
     *externals* (the other nodes the tail reads) and what computes them (the *prefix*, run once on the
     batch). The layer itself never runs.
     """
-    model, layer, x = context.model, context.module, context.inputs
-    parents = _parents(model, context.layer)
-    if _has_forward_hooks(parents):
-        raise _Unsplittable("forward hooks on the layer's parent modules would run during tracing")
-    root = _Root(model)
-    graph = _Tracer(layer, [root, *parents]).trace(root)
-    cuts = [n for n in graph.nodes if n.op == "call_module" and root.get_submodule(n.target) is layer]
-    if len(cuts) != 1:
-        raise _Unsplittable(f"the layer is called {len(cuts)} times in the traced graph")
-    cut = cuts[0]
-
-    downstream, from_input = {cut}, set()
-    for node in graph.nodes:
-        if node.op == "placeholder" or any(arg in from_input for arg in node.all_input_nodes):
-            from_input.add(node)
-        if node is not cut and any(arg in downstream for arg in node.all_input_nodes):
-            downstream.add(node)
-    tail_nodes = [node for node in graph.nodes if node in downstream and node is not cut]
-    if not tail_nodes or tail_nodes[-1].op != "output":
-        raise _Unsplittable("the model's output does not depend on the layer")
-    externals = list(
-        dict.fromkeys(arg for node in tail_nodes for arg in node.all_input_nodes if arg not in downstream)
-    )
-    values, has_batch = _run_prefix(root, graph, externals, x)
-    batched = [node in from_input for node in externals]
+    root, graph, cut = _trace_to_layer(context)
+    tail_nodes, externals, batched = _split(graph, cut)
+    values, has_batch = _run_prefix(root, graph, externals, context.inputs)
     for node, wanted, has in zip(externals, batched, has_batch, strict=True):
         if wanted and not has:
             raise _Unsplittable(f"'{node.name}' derives from the input but has no batch dimension")
@@ -418,6 +396,38 @@ def _cut_after(context: MapContext, activations: torch.Tensor) -> _Tail:
     if not _close(logits, context.logits):
         raise _Unsplittable("the tail does not reproduce the model's logits from the layer's activation")
     return _Tail(tail, values, batched, logits)
+
+
+def _trace_to_layer(context: MapContext) -> tuple[_Root, fx.Graph, fx.Node]:
+    """The model traced through the layer's parents, and the one node that calls the layer."""
+    model, layer = context.model, context.module
+    parents = _parents(model, context.layer)
+    if _has_forward_hooks(parents):
+        raise _Unsplittable("forward hooks on the layer's parent modules would run during tracing")
+    root = _Root(model)
+    graph = _Tracer(layer, [root, *parents]).trace(root)
+    cuts = [n for n in graph.nodes if n.op == "call_module" and root.get_submodule(n.target) is layer]
+    if len(cuts) != 1:
+        raise _Unsplittable(f"the layer is called {len(cuts)} times in the traced graph")
+    return root, graph, cuts[0]
+
+
+def _split(graph: fx.Graph, cut: fx.Node) -> tuple[list[fx.Node], list[fx.Node], list[bool]]:
+    """(tail nodes after the cut, the other nodes they read, whether each of those derives from the
+    input)."""
+    downstream, from_input = {cut}, set()
+    for node in graph.nodes:
+        if node.op == "placeholder" or any(arg in from_input for arg in node.all_input_nodes):
+            from_input.add(node)
+        if node is not cut and any(arg in downstream for arg in node.all_input_nodes):
+            downstream.add(node)
+    tail_nodes = [node for node in graph.nodes if node in downstream and node is not cut]
+    if not tail_nodes or tail_nodes[-1].op != "output":
+        raise _Unsplittable("the model's output does not depend on the layer")
+    externals = list(
+        dict.fromkeys(arg for node in tail_nodes for arg in node.all_input_nodes if arg not in downstream)
+    )
+    return tail_nodes, externals, [node in from_input for node in externals]
 
 
 def _run_prefix(

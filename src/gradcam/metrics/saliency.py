@@ -12,23 +12,19 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from gradcam import methods
-from gradcam.errors import GradCAMError
 from gradcam.layouts import LayoutSpec
-from gradcam.methods import GuidedBackprop, GuidedGradCAM, RandomCAM
-from gradcam.methods import maps as baselines
+from gradcam.methods import registry
+from gradcam.pipeline import Explainer
 
 Saliency = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-#: Pixel-level gradient methods, beside the CAMs of :mod:`gradcam.methods`.
-PIXEL_METHODS = ("guided-backprop", "guided-gradcam")
-#: Maps that know nothing about the model (see :mod:`gradcam.metrics.baselines`).
-BASELINES = ("random", "center", "sobel")
+#: Maps that know nothing about the model (the registry's model-free baselines).
+BASELINES = tuple(registry.names(["baseline"], needs_model=False))
 
 
 def names() -> list[str]:
-    """Every name :func:`make_saliency` accepts: the CAM methods, the pixel methods, the baselines."""
-    return [*methods.names(), *PIXEL_METHODS, *BASELINES]
+    """Every name :func:`make_saliency` accepts: every method of the registry."""
+    return registry.names()
 
 
 def make_saliency(
@@ -41,37 +37,33 @@ def make_saliency(
     seed: int = 0,
     layout: LayoutSpec = None,
 ) -> Saliency:
-    """The map function registered under ``name`` for ``model``.
+    """The map function of the registry's method ``name`` for ``model``.
 
     Args:
-        name: a CAM method ("gradcam", "gradcam++", ...), "guided-backprop", "guided-gradcam", or a
-            baseline ("random", "center", "sobel").
+        name: any registry name: a CAM or attention method, "guided-backprop", "guided-gradcam", or a
+            baseline ("randomcam", "random", "center", "sobel").
         layer: the CAM layer (None: automatic).
         mean, std: the model's input normalisation, so that ``sobel`` sees the picture in [0, 1].
         seed: seeds the ``random`` baseline and ``randomcam``.
         layout: the CAM layer's layout when it cannot be decided (see :class:`gradcam.GradCAM`).
 
-    Pixel methods give |g| summed over the colour channels (g the guided gradient), as the maps are
-    drawn in the Grad-CAM paper.
+    Every model method runs through :class:`gradcam.pipeline.Explainer`. Pixel methods give |g| summed
+    over the colour channels (g the guided gradient), as the maps are drawn in the Grad-CAM paper.
     """
-    if name == "random":
-        generator = torch.Generator().manual_seed(seed)
-        return lambda x, t: baselines.random_map(len(x), (x.shape[2], x.shape[3]), generator)
-    if name == "center":
-        return lambda x, t: baselines.center_map(len(x), (x.shape[2], x.shape[3]))
-    if name == "sobel":
-        return lambda x, t: baselines.sobel_map(baselines.unnormalise(x, mean, std))
-    if name == "guided-backprop":
-        guided = GuidedBackprop(model)
-        return lambda x, t: guided(x, t).abs().sum(dim=1)
-    if name == "guided-gradcam":
-        guided_cam = GuidedGradCAM(model, layer, layout=layout)
-        return lambda x, t: guided_cam(x, t).abs().sum(dim=1)
-    if name not in methods.names():
-        raise GradCAMError(f"method '{name}' not found; available: {', '.join(names())}")
-    cls = methods.get(name)
-    options: dict[str, object] = {"seed": seed} if cls is RandomCAM else {}
-    if layout is not None:
-        options["layout"] = layout
-    cam = cls(model, layer, **options)
-    return lambda x, t: cam(x, t).raw
+    entry = registry.get(name)
+    if not entry.needs_model:
+        return _baseline(entry.build, mean, std, seed)
+    options: dict[str, object] = {"seed": seed} if name == "randomcam" else {}
+    if entry.name != "guided-backprop":
+        options.update(layer=layer, layout=layout)
+    explainer = Explainer(model, name, **options)  # type: ignore[arg-type]
+    if entry.kind == "pixel":
+        return lambda x, t: explainer.explain(x, t).pictures()[0].abs().sum(dim=1)
+    return lambda x, t: explainer.explain(x, t).explanation.raw[0]  # type: ignore[union-attr]
+
+
+def _baseline(
+    build: Callable[..., torch.Tensor], mean: Sequence[float], std: Sequence[float], seed: int
+) -> Saliency:
+    generator = torch.Generator().manual_seed(seed)
+    return lambda x, t: build(x, mean, std, generator)

@@ -64,7 +64,15 @@ class Preprocess:
         return T.Compose([*steps, T.ClampBoundingBoxes()])(wrapped).as_subclass(torch.Tensor)
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        tensor = T.Compose([T.PILToTensor(), T.ToDtype(torch.float32, scale=True)])(self.view(image))
+        return self._tensor(self.view(image))
+
+    def prepare(self, image: Image.Image) -> tuple[torch.Tensor, Image.Image]:
+        """(model input, :meth:`frame`) of ``image``, resizing and cropping it once."""
+        view = self.view(image)
+        return self._tensor(view), image.convert("RGB") if self.crop is None else view
+
+    def _tensor(self, view: Image.Image) -> torch.Tensor:
+        tensor = T.Compose([T.PILToTensor(), T.ToDtype(torch.float32, scale=True)])(view)
         return T.Normalize(list(self.mean), list(self.std))(tensor)
 
     @property

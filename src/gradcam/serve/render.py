@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 from gradcam import viz
+from gradcam.explanation import Explanation, normalise, upsample
 from gradcam.methods import registry
 from gradcam.models import LoadedModel, model_device
 from gradcam.pipeline import Explainer, Result
@@ -100,7 +101,8 @@ class Prepared:
 
 def prepare(loaded: LoadedModel, image: Image.Image, *, display_size: int = 512) -> Prepared:
     """Preprocess one image for ``loaded`` (no model work: no lock needed)."""
-    return Prepared(loaded.preprocess(image), _display(loaded.preprocess.frame(image), display_size))
+    tensor, frame = loaded.preprocess.prepare(image)
+    return Prepared(tensor, _display(frame, display_size))
 
 
 def stack(loaded: LoadedModel, prepared: Sequence[Prepared]) -> torch.Tensor:
@@ -126,6 +128,12 @@ def compute(
     return explainer.explain(batch, named, topk=[0 if t else topk for t in named])
 
 
+def _heatmap(explanation: Explanation, n: int, row: int, picture: Image.Image) -> Image.Image:
+    """The colormapped map of class n of image ``row``, upsampled once straight to the picture's size."""
+    raw = explanation.raw[n, row]
+    return viz.heatmap(normalise(upsample(raw, (picture.height, picture.width))))
+
+
 def draw(loaded: LoadedModel, pictures: Sequence[Image.Image], result: Result) -> list[ImageView]:
     """The pictures and numbers of an explained batch, drawn on each image's prepared ``picture`` (no
     model work: run it outside the lock)."""
@@ -141,9 +149,7 @@ def draw(loaded: LoadedModel, pictures: Sequence[Image.Image], result: Result) -
                     name=loaded.labels[index],
                     probability=float(result.probs[n, row]),
                     score=float(result.scores[n, row]),
-                    heatmap=None
-                    if explanation is None
-                    else viz.overlay(picture, explanation.maps[n, row], alpha=1.0),
+                    heatmap=None if explanation is None else _heatmap(explanation, n, row, picture),
                     guided=viz.guided_image(guided[n, row]) if guided is not None else None,
                     raw=None if explanation is None else explanation.raw[n, row].numpy().astype(np.float32),
                 )

@@ -26,6 +26,7 @@ from PIL import Image
 from gradcam import viz
 from gradcam.batch.inputs import collect_images
 from gradcam.errors import GradCAMError, ImageLoadError
+from gradcam.explanation import normalise, upsample
 from gradcam.io import load_image
 from gradcam.methods import registry
 from gradcam.metrics.annotations import load_annotations
@@ -115,12 +116,11 @@ def assign_sides(count: int, rng: random.Random) -> list[str]:
     return sides
 
 
-def _frame(loaded: LoadedModel, image: Image.Image) -> Image.Image:
-    """The picture a CAM method's map is drawn on: the image as the model sees it, at most
-    :data:`PICTURE_SIZE` a side."""
-    picture = loaded.preprocess.frame(image).copy()
-    picture.thumbnail((PICTURE_SIZE, PICTURE_SIZE), Image.Resampling.BILINEAR)
-    return picture
+def _shrunk(frame: Image.Image) -> Image.Image:
+    """The picture a CAM method's map is drawn on: the image as the model sees it (its frame, a new
+    image of our own), at most :data:`PICTURE_SIZE` a side."""
+    frame.thumbnail((PICTURE_SIZE, PICTURE_SIZE), Image.Resampling.BILINEAR)
+    return frame
 
 
 class _Renderer:
@@ -139,7 +139,7 @@ class _Renderer:
         self.main = "gradcam" if wants_gradcam else cams[0]
         self.guided = "pixel" in kinds.values()
         self._explainers: dict[str, Explainer] = {}
-        self._images: Sequence[Image.Image] = ()
+        self._frames: list[Image.Image] = []
         self._batch: torch.Tensor | None = None
         self._result: Result | None = None
 
@@ -153,8 +153,9 @@ class _Renderer:
     def look(self, images: Sequence[Image.Image]) -> list[int]:
         """Explain a chunk of images; each one's top-1 class."""
         device = model_device(self.loaded.module)
-        self._images = images
-        self._batch = torch.stack([self.loaded.preprocess(image) for image in images]).to(device)
+        prepared = [self.loaded.preprocess.prepare(image) for image in images]  # resized and cropped once
+        self._frames = [_shrunk(frame) for _, frame in prepared]
+        self._batch = torch.stack([tensor for tensor, _ in prepared]).to(device)
         self._result = self._explain(self.main, self._batch)
         return self._result.ids[0].tolist()
 
@@ -169,12 +170,17 @@ class _Renderer:
             shown = [viz.guided_image(gradient) for gradient in gradients[0, rows]]
         else:
             if method == self.main:
-                maps = self._result.explanation.maps[0, rows]  # type: ignore[union-attr]
+                raws = self._result.explanation.raw[0, rows]  # type: ignore[union-attr]
             else:
-                maps = self._explain(method, self._batch[rows], list(classes)).explanation.maps[0]  # type: ignore[union-attr]
-            frames = [_frame(self.loaded, self._images[i]) for i in rows]
-            shown = [viz.overlay(frame, saliency) for frame, saliency in zip(frames, maps, strict=True)]
+                raws = self._explain(method, self._batch[rows], list(classes)).explanation.raw[0]  # type: ignore[union-attr]
+            shown = [_overlay(self._frames[i], raw) for i, raw in zip(rows, raws, strict=True)]
         return [viz.encode_png(picture) for picture in shown]
+
+
+def _overlay(frame: Image.Image, raw: torch.Tensor) -> Image.Image:
+    """The map over its frame: upsampled once to the frame's size, colormapped once, blended."""
+    saliency = normalise(upsample(raw, (frame.height, frame.width)))
+    return Image.blend(frame, viz.heatmap(saliency), viz.OVERLAY_ALPHA)
 
 
 def check_models(pool: ModelPool, stronger: str, weaker: str) -> tuple[LoadedModel, LoadedModel]:
