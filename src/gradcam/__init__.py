@@ -7,9 +7,10 @@ exactly as found.
     >>> loaded = gradcam.models.load("efficientnet-lite0")
     >>> batch = loaded.preprocess(gradcam.io.load_image("examples/cat.png"))[None]
     >>> explanation = gradcam.GradCAM(loaded.module)(batch)
+    >>> result = gradcam.explain(loaded.module, batch, topk=3)   # the step every front end calls
 """
 
-from gradcam import io, methods, models, viz
+from gradcam import io, methods, models, pipeline, viz
 from gradcam.errors import GradCAMError, ImageLoadError
 from gradcam.explanation import Explanation
 from gradcam.layers import LayerInfo, find_layer, list_layers
@@ -29,6 +30,7 @@ from gradcam.methods import (
     ScoreCAM,
     XGradCAM,
 )
+from gradcam.pipeline import Explainer, Result, explain
 
 __version__ = "0.1.0"
 
@@ -37,6 +39,7 @@ __all__ = [
     "AttentionRollout",
     "EigenCAM",
     "EigenGradCAM",
+    "Explainer",
     "Explanation",
     "GenericAttention",
     "GradCAM",
@@ -49,12 +52,15 @@ __all__ = [
     "LayerCAM",
     "LayerInfo",
     "RandomCAM",
+    "Result",
     "ScoreCAM",
     "XGradCAM",
+    "explain",
     "find_layer",
     "io",
     "list_layers",
     "methods",
     "models",
+    "pipeline",
     "viz",
 ]
