@@ -1,9 +1,8 @@
 """Where studies, pre-rendered pairs, raters and ratings live: SQLAlchemy 2.x ORM over any database URL.
 
-A SQLite file by default (:data:`DEFAULT_DB_URL`), opened in WAL mode with a busy timeout so concurrent
-raters wait for each other instead of failing; ``check_same_thread`` is off because the service runs
-calls on a thread pool (each call here opens its own short session, so no connection is shared by two
-threads at once). Any other SQLAlchemy URL works as well (``postgresql+psycopg://user@host/db``).
+Databases are opened by :mod:`gradcam.study.database` (SQLite by default, any SQLAlchemy URL), the
+rows are declared in :mod:`gradcam.study.rows`, the errors in :mod:`gradcam.study.errors`; their names are
+importable from here too.
 
 **Records are declared once.** The rows are SQLAlchemy dataclasses
 (:class:`~sqlalchemy.orm.MappedAsDataclass`): :class:`StudyRow`, :class:`PairRow`, :class:`RaterRow` and
@@ -28,320 +27,62 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import secrets
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 from sqlalchemy import (
-    JSON,
-    CheckConstraint,
-    DateTime,
-    Dialect,
-    Engine,
-    ForeignKey,
-    Integer,
-    LargeBinary,
-    String,
-    TypeDecorator,
-    UniqueConstraint,
-    case,
-    create_engine,
-    event,
     func,
     select,
     update,
 )
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import (
-    DeclarativeBase,
-    Mapped,
-    MappedAsDataclass,
     Session,
-    column_property,
-    mapped_column,
     sessionmaker,
 )
-from sqlalchemy.pool import StaticPool
 
-from gradcam.errors import GradCAMError
+from gradcam.study.database import DEFAULT_DB_URL, database_url, make_engine, sqlite_file
+from gradcam.study.errors import DuplicateRating, NotFound, NotReady, StudyError
+from gradcam.study.rows import (
+    SIDES,
+    STATES,
+    UNFINISHED,
+    Base,
+    PairRow,
+    Progress,
+    RaterRow,
+    Rating,
+    RatingRow,
+    Skipped,
+    StudyRow,
+    StudyState,
+)
 from gradcam.study.scale import ANSWERS, HIGHEST, LOWEST
 
-#: The database ``gradcam study`` and ``gradcam serve`` use when no ``--db`` is given: a SQLite file in
-#: the working directory.
-DEFAULT_DB_URL = "sqlite:///gradcam-study.db"
-#: Seconds a SQLite writer waits for another writer's lock before giving up.
-BUSY_TIMEOUT_S = 30
-SIDES = ("A", "B")
-#: A study's life: queued and rendering (a service's background job), then ready or failed.
-StudyState = Literal["queued", "rendering", "ready", "failed"]
-STATES: tuple[str, ...] = get_args(StudyState)
-#: The states a study is still being made in.
-UNFINISHED = ("queued", "rendering")
-
-
-class StudyError(GradCAMError):
-    """A study call that cannot be done (the message says why, in one line)."""
-
-
-class NotFound(StudyError):
-    """An unknown study, rater, pair or folder (or one of another study)."""
-
-
-class DuplicateRating(StudyError):
-    """The rater has already rated this pair."""
-
-
-class NotReady(StudyError):
-    """The study is still being rendered, or its rendering failed: raters cannot use it."""
-
-
-@dataclass(frozen=True)
-class Skipped:
-    """An image a study left out, and why."""
-
-    image: str
-    reason: str
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
-
-
-class _UTCDateTime(TypeDecorator[datetime]):
-    """A time zone aware timestamp; SQLite keeps no zone, and what was written there is UTC."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        return value if value is None or value.tzinfo is not None else value.replace(tzinfo=UTC)
-
-
-class _SkippedList(TypeDecorator[list[Skipped]]):
-    """A list of :class:`Skipped` as JSON."""
-
-    impl = JSON
-    cache_ok = True
-
-    def process_bind_param(self, value: Sequence[Skipped] | None, dialect: Dialect) -> list[dict]:
-        return [dataclasses.asdict(item) for item in value or ()]
-
-    def process_result_value(self, value: list[dict] | None, dialect: Dialect) -> list[Skipped]:
-        return [Skipped(**item) for item in value or ()]
-
-
-# --------------------------------------------------------------------------------------------- rows
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class PairRow(MappedAsDataclass, Base):
-    """A pre-rendered pair: the stronger model's picture is ``robot_a`` when ``stronger_side`` is "A",
-    else ``robot_b`` (PNG bytes). Made without ``id`` and ``study_id``; the store sets them."""
-
-    __tablename__ = "study_pair"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True, init=False)
-    study_id: Mapped[str] = mapped_column(
-        ForeignKey("study.id", ondelete="CASCADE"), index=True, init=False, repr=False
-    )
-    image: Mapped[str] = mapped_column(String(1000))
-    class_index: Mapped[int] = mapped_column(Integer)
-    class_name: Mapped[str] = mapped_column(String(200))
-    method: Mapped[str] = mapped_column(String(100))
-    stronger_side: Mapped[str] = mapped_column(String(1))
-    robot_a: Mapped[bytes] = mapped_column(LargeBinary, repr=False)
-    robot_b: Mapped[bytes] = mapped_column(LargeBinary, repr=False)
-
-    __table_args__ = (CheckConstraint("stronger_side IN ('A', 'B')", name="pair_side"),)
-
-
-class RaterRow(MappedAsDataclass, Base):
-    __tablename__ = "study_rater"
-
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
-    study_id: Mapped[str] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
-    created: Mapped[datetime] = mapped_column(_UTCDateTime, init=False, default_factory=_now)
-
-
-class RatingRow(MappedAsDataclass, Base):
-    __tablename__ = "study_rating"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True, init=False)
-    study_id: Mapped[str] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
-    pair_id: Mapped[int] = mapped_column(ForeignKey("study_pair.id", ondelete="CASCADE"))
-    rater_id: Mapped[str] = mapped_column(ForeignKey("study_rater.id", ondelete="CASCADE"))
-    answer: Mapped[int] = mapped_column(Integer)
-    created: Mapped[datetime] = mapped_column(_UTCDateTime, init=False, default_factory=_now)
-
-    __table_args__ = (
-        UniqueConstraint("pair_id", "rater_id", name="one_rating_per_pair_and_rater"),
-        CheckConstraint(f"answer BETWEEN {LOWEST} AND {HIGHEST}", name="rating_answer"),
-    )
-
-
-def _count(table: type[PairRow] | type[RaterRow] | type[RatingRow], doc: str) -> Any:
-    """A study's number of rows of ``table``, as a column property of :class:`StudyRow`."""
-    query = select(func.count(table.id)).where(table.study_id == StudyRow.id).correlate_except(table)
-    return column_property(query.scalar_subquery(), doc=doc)
-
-
-class StudyRow(MappedAsDataclass, Base):
-    """A study, as stored and as the admin sees it (raters never see the model names)."""
-
-    __tablename__ = "study"
-
-    id: Mapped[str] = mapped_column(
-        String(32), primary_key=True, init=False, doc="The study's id (a random token the store gives)."
-    )
-    name: Mapped[str] = mapped_column(String(200), doc="The study's name.")
-    stronger_model: Mapped[str] = mapped_column(String(100), doc="The model expected to be better.")
-    weaker_model: Mapped[str] = mapped_column(String(100), doc="The other model.")
-    methods: Mapped[list[str]] = mapped_column(JSON, doc="The visualisation methods, one pair each.")
-    folder: Mapped[str] = mapped_column(String(1000), doc="The image folder.")
-    seed: Mapped[int] = mapped_column(Integer, doc="Seeds the sides and the image draw.")
-    annotations: Mapped[str | None] = mapped_column(
-        String(1000), default=None, doc="The annotations file, or null."
-    )
-    state: Mapped[StudyState] = mapped_column(
-        String(16), default="ready", doc="queued, rendering (done of total images), ready or failed."
-    )
-    done: Mapped[int] = mapped_column(Integer, default=0, doc="Images looked at so far.")
-    total: Mapped[int] = mapped_column(Integer, default=0, doc="Images to look at.")
-    error: Mapped[str | None] = mapped_column(
-        String(1000), default=None, doc="Why the study failed, in one line; else null."
-    )
-    kept: Mapped[int] = mapped_column(Integer, default=0, doc="Images kept (each gives one pair per method).")
-    skipped: Mapped[list[Skipped]] = mapped_column(
-        _SkippedList, default_factory=list, doc="Images left out, with why."
-    )
-    created: Mapped[datetime] = mapped_column(
-        _UTCDateTime, init=False, default_factory=_now, doc="When the study was created (UTC)."
-    )
-
-    __table_args__ = (CheckConstraint(f"state IN {STATES!r}", name="study_state"),)
-
-
-# Declared after StudyRow: they refer to its id.
-StudyRow.pairs = _count(PairRow, "Pairs stored.")
-StudyRow.raters = _count(RaterRow, "Raters issued.")
-StudyRow.ratings = _count(RatingRow, "Ratings stored.")
-
-_RATINGS = (
-    select(
-        RatingRow.id,
-        RatingRow.study_id.label("study"),
-        RatingRow.pair_id.label("pair"),
-        PairRow.image,
-        PairRow.class_index,
-        PairRow.class_name,
-        PairRow.method,
-        PairRow.stronger_side,
-        RatingRow.rater_id.label("rater"),
-        RatingRow.answer,
-        RatingRow.created,
-    )
-    .join(PairRow, PairRow.id == RatingRow.pair_id)
-    .subquery("rating_with_pair")
-)
-
-
-class Rating(Base):
-    """One stored rating with what is needed to score it (no pictures): a read-only mapping of a rating
-    joined with its pair. Attributes: ``id``, ``study``, ``pair`` (ids), ``image``, ``class_index``,
-    ``class_name``, ``method``, ``stronger_side``, ``rater``, ``answer``, ``created`` and ``score``."""
-
-    __table__ = _RATINGS
-    __mapper_args__ = {"primary_key": [_RATINGS.c.id]}  # noqa: RUF012 (SQLAlchemy's own attribute)
-
-    #: The answer from the stronger model's side: +2 means "the stronger model is clearly more
-    #: reliable", whichever robot it was shown as.
-    score = column_property(
-        case((_RATINGS.c.stronger_side == "A", _RATINGS.c.answer), else_=-_RATINGS.c.answer)
-    )
-
-    def __repr__(self) -> str:
-        return f"Rating(pair={self.pair}, rater={self.rater!r}, answer={self.answer})"
-
-
-@dataclass(frozen=True)
-class Progress:
-    rated: int
-    total: int
-
-    @property
-    def remaining(self) -> int:
-        return self.total - self.rated
-
-
-# ------------------------------------------------------------------------------------------ engine
-
-
-def database_url(text: str) -> str:
-    """A ``--db`` value as a SQLAlchemy URL: a URL stays as it is, a plain file path becomes a SQLite URL."""
-    return text if "://" in text else f"sqlite:///{Path(text).expanduser()}"
-
-
-def make_engine(url: str) -> Engine:
-    """An engine safe to share between threads; SQLite files in WAL mode with a busy timeout, foreign keys
-    on. ``sqlite://`` (in memory) shares one connection and suits single-threaded tests only."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        raise StudyError(f"database URL '{url}' is not a SQLAlchemy URL (e.g. {DEFAULT_DB_URL})") from None
-    shown = parsed.render_as_string(hide_password=True)
-    memory = parsed.database in (None, "", ":memory:")
-    sqlite = parsed.get_backend_name() == "sqlite"
-    if sqlite and not memory:
-        parent = Path(parsed.database).expanduser().resolve().parent
-        if not parent.is_dir():
-            raise StudyError(f"database URL '{shown}': folder '{parent}' does not exist")
-    options: dict = {"pool_pre_ping": True}
-    if sqlite:
-        options = {"connect_args": {"check_same_thread": False, "timeout": BUSY_TIMEOUT_S}}
-        if memory:
-            options["poolclass"] = StaticPool
-    try:
-        engine = create_engine(parsed, **options)
-    except ImportError as error:
-        raise StudyError(f"database URL '{shown}': its driver is not installed ({error})") from None
-    except ArgumentError as error:
-        raise StudyError(f"database URL '{shown}': {error}") from None
-    if sqlite:
-        event.listen(engine, "connect", _sqlite_pragmas(memory))
-    return engine
-
-
-def _sqlite_pragmas(memory: bool) -> Callable[[Any, Any], None]:
-    def apply(connection: Any, _record: Any) -> None:  # a DBAPI connection
-        cursor = connection.cursor()
-        if not memory:
-            cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_S * 1000}")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    return apply
-
-
-def sqlite_file(url: str) -> Path | None:
-    """The file of a SQLite URL (None for other databases and in-memory SQLite)."""
-    try:
-        parsed = make_url(url)
-    except ArgumentError:
-        return None
-    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
-        return None
-    return Path(parsed.database).expanduser()
-
-
-# ------------------------------------------------------------------------------------------- store
+__all__ = [
+    "DEFAULT_DB_URL",
+    "SIDES",
+    "STATES",
+    "UNFINISHED",
+    "DuplicateRating",
+    "NotFound",
+    "NotReady",
+    "PairRow",
+    "Progress",
+    "RaterRow",
+    "Rating",
+    "RatingRow",
+    "Skipped",
+    "StudyError",
+    "StudyRow",
+    "StudyState",
+    "StudyStore",
+    "database_url",
+    "make_engine",
+    "presentation_key",
+    "sqlite_file",
+]
 
 
 def presentation_key(rater: str, pair: int) -> str:
