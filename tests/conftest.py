@@ -54,6 +54,21 @@ class TinyHead(nn.Module):
         return self.fc(self.pool(self.relu(self.conv(x))).flatten(1))
 
 
+class GuidedRule(torch.autograd.Function):
+    """relu forward; backward passes relu(R) only where the input was positive: Guided Backpropagation's
+    rule (Springenberg et al. 2015), written out for the tests' references."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[no-untyped-def]
+        ctx.save_for_backward(x)
+        return x.clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[no-untyped-def]
+        (x,) = ctx.saved_tensors
+        return grad.clamp_min(0) * (x > 0)
+
+
 class SpatialHead(nn.Module):
     """conv (explained) -> ReLU -> 1x1 conv -> position-weighted sum -> linear: gradients vary by position."""
 

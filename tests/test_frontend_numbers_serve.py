@@ -23,6 +23,7 @@ from PIL import Image
 from torch import nn
 
 import gradcam
+from conftest import GuidedRule
 from gradcam.models import LoadedModel
 from gradcam.serve.app import ServeSettings, create_app
 from test_frontend_numbers import (  # noqa: F401 (tiny is a fixture)
@@ -63,23 +64,9 @@ def post(client: TestClient, seed: int, data: dict, path: str = "/v1/explain") -
     return response.json()
 
 
-class _GuidedReLU(torch.autograd.Function):
-    """relu forward; backward passes relu(R) where the input was positive (Springenberg et al. 2015)."""
-
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[no-untyped-def]
-        ctx.save_for_backward(x)
-        return x.clamp_min(0)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[no-untyped-def]
-        (x,) = ctx.saved_tensors
-        return grad.clamp_min(0) * (x > 0)
-
-
 class GuidedReLU(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _GuidedReLU.apply(x)
+        return GuidedRule.apply(x)
 
 
 def guided_by_hand(

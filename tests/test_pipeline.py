@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from captum.attr import LayerGradCam
 from torch import nn
 
-from conftest import SpatialHead
+from conftest import GuidedRule, SpatialHead
 from gradcam import GradCAMError
 from gradcam.pipeline import Explainer, explain
 
@@ -97,23 +97,11 @@ def test_all_classes(model, x) -> None:
         )
 
 
-class _GuidedRule(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):  # type: ignore[no-untyped-def]
-        ctx.save_for_backward(x)
-        return x.clamp_min(0)
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[no-untyped-def]
-        (x,) = ctx.saved_tensors
-        return grad.clamp_min(0) * (x > 0)
-
-
 def hand_guided(model: SpatialHead, x: torch.Tensor, classes: list[int]) -> torch.Tensor:
     """dy^c/dx with the guided rule at both ReLUs, written out from the model's own modules."""
     x = x.clone().requires_grad_(True)
-    a = _GuidedRule.apply(F.conv2d(x, model.conv.weight, model.conv.bias, padding=1))
-    head = (_GuidedRule.apply(model.mix(a)) * model.where).sum(dim=(2, 3))
+    a = GuidedRule.apply(F.conv2d(x, model.conv.weight, model.conv.bias, padding=1))
+    head = (GuidedRule.apply(model.mix(a)) * model.where).sum(dim=(2, 3))
     scores = model.fc(head)[range(len(classes)), classes]
     (gradient,) = torch.autograd.grad(scores.sum(), x)
     return gradient
