@@ -193,6 +193,23 @@ def test_run_log_cuts_a_half_written_line_and_finishes_partly_written_images(tmp
         assert log.records == []
 
 
+def test_a_small_run_with_other_settings_is_replaced_a_larger_one_is_refused(tmp_path: Path) -> None:
+    lines = [{"key": f"{i}.jpg", "target": 0, "of": 1} for i in range(3)]
+    with RunLog(tmp_path, {"model": "m"}) as log:
+        log.append(lines)
+    with pytest.raises(GradCAMError, match="other settings"):
+        RunLog(tmp_path, {"model": "other"}, replace_at_most=2)  # 3 images are more than 2
+    assert len((tmp_path / "manifest.jsonl").read_text().splitlines()) == 3
+    with RunLog(tmp_path, {"model": "other"}, replace_at_most=3) as log:
+        assert log.records == [] and not (tmp_path / "manifest.jsonl").exists()
+    (tmp_path / "run.json").unlink()  # a manifest without its settings: the same rule
+    (tmp_path / "manifest.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(GradCAMError, match="manifest without run.json"):
+        RunLog(tmp_path, {"model": "m"}, replace_at_most=2)
+    with RunLog(tmp_path, {"model": "m"}, replace_at_most=3) as log:
+        assert log.records == []
+
+
 def test_run_log_removes_what_killed_writes_left_and_keeps_everything_else(tmp_path: Path) -> None:
     nested = tmp_path / "cats" / "indoor"
     nested.mkdir(parents=True)

@@ -69,6 +69,11 @@ class Explanation:
         is drawn at), each map divided by its own maximum. Not cached."""
         return normalise(upsample(self.raw, tuple(size)))
 
+    def map_at(self, n: int, row: int, size: tuple[int, int]) -> torch.Tensor:
+        """(H, W): class n of image ``row`` of an (N,B) explanation, as :meth:`maps_at` gives it for all
+        (upsampled straight to ``size``, divided by its maximum), computing that one map only."""
+        return normalise(upsample(self.raw[n, row], tuple(size)))
+
     def rows(self) -> Explanation:
         """This explanation with a leading (N,B) shape: itself when it has one, else N = 1."""
         if self.targets.dim() == 2:

@@ -65,6 +65,15 @@ def heatmap(saliency: torch.Tensor | np.ndarray, cmap: str = "jet") -> Image.Ima
     return picture.convert("RGB")
 
 
+def shrink(picture: Image.Image, size: int) -> Image.Image:
+    """Reduce ``picture`` in place to at most ``size`` pixels on its longer side (bilinear, aspect kept;
+    0 or a smaller picture: left as it is) and return it. For pictures of our own, such as a frame from
+    :meth:`gradcam.models.Preprocess.prepare`."""
+    if size and max(picture.size) > size:
+        picture.thumbnail((size, size), Image.Resampling.BILINEAR)
+    return picture
+
+
 def overlay(
     image: Image.Image, saliency: torch.Tensor | np.ndarray, cmap: str = "jet", alpha: float = OVERLAY_ALPHA
 ) -> Image.Image:

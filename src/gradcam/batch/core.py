@@ -81,8 +81,9 @@ def image_records(
 ) -> list[dict]:
     """Write the files of image ``row`` of a batch and return its manifest lines, target by target."""
     labels = job.loaded.labels
-    top5 = [{"index": i, "class": labels[i], "probability": round(p, 6)} for i, p in result.top(5)[row]]
-    ranks = {index: rank for rank, (index, _) in enumerate(result.top(5)[row])}
+    best = result.top(5)[row]
+    top5 = [{"index": i, "class": labels[i], "probability": round(p, 6)} for i, p in best]
+    ranks = {index: rank for rank, (index, _) in enumerate(best)}
     wanted = result.wanted[row]
     records = []
     for n, target in enumerate(wanted):

@@ -8,10 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from gradcam import io
+from gradcam import io, viz
 from gradcam.errors import ImageLoadError
 from gradcam.models import Preprocess
 
@@ -55,11 +54,8 @@ class ImageDataset(Dataset):
             return Sample(index, error=str(error))
         except (OSError, ValueError) as error:  # a file that decodes but breaks a transform
             return Sample(index, error=f"{path}: cannot be read as an image ({error})")
-        size = frame.size
-        if self.overlay_size and max(size) > self.overlay_size:
-            # prepare() gives the frame as a new RGB image of our own: shrink it in place.
-            frame.thumbnail((self.overlay_size, self.overlay_size), Image.Resampling.BILINEAR)
-        return Sample(index, tensor, np.asarray(frame), size)
+        size = frame.size  # prepare() gives the frame as a new RGB image of our own: shrunk in place
+        return Sample(index, tensor, np.asarray(viz.shrink(frame, self.overlay_size)), size)
 
 
 def _keep_list(samples: list[Sample]) -> list[Sample]:

@@ -91,15 +91,18 @@ class RunLog:
     """The settings, manifest and errors of one output folder, opened for a run with ``settings``.
 
     Refuses a folder written with other settings unless ``overwrite`` (then the old records go; files
-    are overwritten as the new run writes them), and a folder another run holds. Holds the folder's lock
+    are overwritten as the new run writes them) or the old run has at most ``replace_at_most`` images
+    (cheap to redo: replaced the same way), and a folder another run holds. Holds the folder's lock
     until :meth:`close` (or the end of a ``with`` block).
     """
 
-    def __init__(self, out: Path, settings: dict, *, overwrite: bool = False) -> None:
+    def __init__(
+        self, out: Path, settings: dict, *, overwrite: bool = False, replace_at_most: int = 0
+    ) -> None:
         self.out = out
         self._lock = _lock(out)
         try:
-            self._open(settings, overwrite)
+            self._open(settings, overwrite, replace_at_most)
         except BaseException:
             self.close()
             raise
@@ -114,7 +117,14 @@ class RunLog:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def _open(self, settings: dict, overwrite: bool) -> None:
+    def _replaceable(self, overwrite: bool, at_most: int) -> bool:
+        """True when the folder's old records may go: ``overwrite``, or an old run of at most ``at_most``
+        images (the manifest is read only to decide that)."""
+        if overwrite or not at_most:
+            return overwrite
+        return len({r.get("key") for r in read_jsonl(self.manifest_path)}) <= at_most
+
+    def _open(self, settings: dict, overwrite: bool, replace_at_most: int) -> None:
         out = self.out
         self.settings = settings
         self.manifest_path, self.errors_path = out / MANIFEST_FILE, out / ERRORS_FILE
@@ -125,7 +135,7 @@ class RunLog:
             except (OSError, json.JSONDecodeError):
                 previous = None
             if previous != settings:
-                if not overwrite:
+                if not self._replaceable(overwrite, replace_at_most):
                     what = _differences(previous, settings) if isinstance(previous, dict) else "unreadable"
                     raise GradCAMError(
                         f"--out {out} holds a run with other settings ({what}); use --overwrite to replace "
@@ -133,11 +143,11 @@ class RunLog:
                     )
                 self.manifest_path.unlink(missing_ok=True)
                 self.errors_path.unlink(missing_ok=True)
-        elif self.manifest_path.exists() and not overwrite:
-            raise GradCAMError(
-                f"--out {out} holds a manifest without {RUN_FILE}; use --overwrite or another --out"
-            )
-        elif overwrite:
+        elif overwrite or self.manifest_path.exists():
+            if not self._replaceable(overwrite, replace_at_most):
+                raise GradCAMError(
+                    f"--out {out} holds a manifest without {RUN_FILE}; use --overwrite or another --out"
+                )
             self.manifest_path.unlink(missing_ok=True)
             self.errors_path.unlink(missing_ok=True)
         remove_stale_temporaries(out)

@@ -13,7 +13,6 @@ import torch
 from PIL import Image
 
 from gradcam import viz
-from gradcam.explanation import normalise, upsample
 from gradcam.files import atomic_write_bytes, save_npy
 from gradcam.metrics.localization import boxes_from_map
 from gradcam.outputs import slug
@@ -60,7 +59,7 @@ def write_target(
     drawn = None
     if result.explanation is not None:
         explanation = result.explanation
-        drawn = normalise(upsample(explanation.raw[n, row], (picture.height, picture.width)))
+        drawn = explanation.map_at(n, row, (picture.height, picture.width))
         heat = viz.heatmap(drawn)
         overlay = Image.blend(picture, heat, viz.OVERLAY_ALPHA)
         pictures = {"overlay": overlay}

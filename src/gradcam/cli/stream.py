@@ -23,7 +23,7 @@ from rich.text import Text
 from gradcam.batch.core import Job, Summary
 from gradcam.batch.inputs import output_keys
 from gradcam.batch.local import run_local
-from gradcam.batch.manifest import MANIFEST_FILE, RunLog, read_jsonl
+from gradcam.batch.manifest import RunLog
 from gradcam.cli.common import fail, output_folder, stderr, stdout
 from gradcam.errors import GradCAMError
 
@@ -93,13 +93,13 @@ def stream(
     keys = output_keys(files)
     try:
         output_folder(out)
-        replace = overwrite or (handful and _small_run(out))
-        log = RunLog(out, settings, overwrite=replace)
+        log = RunLog(out, settings, overwrite=overwrite, replace_at_most=HANDFUL if handful else 0)
     except GradCAMError as error:
         raise fail(str(error)) from None
     with log:
         summary = _run(job, files, keys, log, ray, chunks)
-        records = [r for r in log.records if r["key"] in set(keys)] if handful else []
+        wanted = set(keys)
+        records = [r for r in log.records if r["key"] in wanted] if handful else []
         failures = [log.errors[k] for k in keys if k in log.errors] if handful else []
     document = _document(summary, out, job, settings, records, failures, handful)
     if as_json:
@@ -116,11 +116,6 @@ def stream(
         )
     if summary.errors:
         raise typer.Exit(1)
-
-
-def _small_run(out: Path) -> bool:
-    """True when ``out`` holds no run, or a run of at most a handful of images."""
-    return len({r.get("key") for r in read_jsonl(out / MANIFEST_FILE)}) <= HANDFUL
 
 
 def _run(

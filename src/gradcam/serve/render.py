@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from gradcam import viz
-from gradcam.explanation import Explanation, normalise, upsample
+from gradcam.explanation import Explanation
 from gradcam.methods import registry
 from gradcam.models import LoadedModel, model_device
 from gradcam.pipeline import Explainer, Result
@@ -83,13 +83,6 @@ def _explainer(module: nn.Module, method: str, layer: str | None) -> Explainer:
     return cached[key]
 
 
-def _display(picture: Image.Image, size: int) -> Image.Image:
-    if size and max(picture.size) > size:
-        picture = picture.copy()
-        picture.thumbnail((size, size), Image.Resampling.BILINEAR)
-    return picture
-
-
 @dataclass
 class Prepared:
     """One image as a model needs it: its input tensor and the frame picture its maps are drawn on (at
@@ -102,7 +95,7 @@ class Prepared:
 def prepare(loaded: LoadedModel, image: Image.Image, *, display_size: int = 512) -> Prepared:
     """Preprocess one image for ``loaded`` (no model work: no lock needed)."""
     tensor, frame = loaded.preprocess.prepare(image)
-    return Prepared(tensor, _display(frame, display_size))
+    return Prepared(tensor, viz.shrink(frame, display_size))  # the frame is a new image of our own
 
 
 def stack(loaded: LoadedModel, prepared: Sequence[Prepared]) -> torch.Tensor:
@@ -130,8 +123,7 @@ def compute(
 
 def _heatmap(explanation: Explanation, n: int, row: int, picture: Image.Image) -> Image.Image:
     """The colormapped map of class n of image ``row``, upsampled once straight to the picture's size."""
-    raw = explanation.raw[n, row]
-    return viz.heatmap(normalise(upsample(raw, (picture.height, picture.width))))
+    return viz.heatmap(explanation.map_at(n, row, (picture.height, picture.width)))
 
 
 def draw(loaded: LoadedModel, pictures: Sequence[Image.Image], result: Result) -> list[ImageView]:

@@ -116,13 +116,6 @@ def assign_sides(count: int, rng: random.Random) -> list[str]:
     return sides
 
 
-def _shrunk(frame: Image.Image) -> Image.Image:
-    """The picture a CAM method's map is drawn on: the image as the model sees it (its frame, a new
-    image of our own), at most :data:`PICTURE_SIZE` a side."""
-    frame.thumbnail((PICTURE_SIZE, PICTURE_SIZE), Image.Resampling.BILINEAR)
-    return frame
-
-
 class _Renderer:
     """One model's side of a study's pictures, one explain step (:class:`gradcam.pipeline.Explainer`)
     per chunk of images: :meth:`look` gives each image's top-1 class (for the agreement check), the maps
@@ -154,7 +147,8 @@ class _Renderer:
         """Explain a chunk of images; each one's top-1 class."""
         device = model_device(self.loaded.module)
         prepared = [self.loaded.preprocess.prepare(image) for image in images]  # resized and cropped once
-        self._frames = [_shrunk(frame) for _, frame in prepared]
+        # The pictures CAM maps are drawn on: each frame (a new image of our own) at most PICTURE_SIZE.
+        self._frames = [viz.shrink(frame, PICTURE_SIZE) for _, frame in prepared]
         self._batch = torch.stack([tensor for tensor, _ in prepared]).to(device)
         self._result = self._explain(self.main, self._batch)
         return self._result.ids[0].tolist()
@@ -179,8 +173,7 @@ class _Renderer:
 
 def _overlay(frame: Image.Image, raw: torch.Tensor) -> Image.Image:
     """The map over its frame: upsampled once to the frame's size, colormapped once, blended."""
-    saliency = normalise(upsample(raw, (frame.height, frame.width)))
-    return Image.blend(frame, viz.heatmap(saliency), viz.OVERLAY_ALPHA)
+    return viz.overlay(frame, normalise(upsample(raw, (frame.height, frame.width))))
 
 
 def check_models(pool: ModelPool, stronger: str, weaker: str) -> tuple[LoadedModel, LoadedModel]:
