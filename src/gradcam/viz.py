@@ -1,11 +1,13 @@
 """Pictures of maps: colormapped heatmaps, overlays, the original | heatmap | overlay panel, guided
-pictures."""
+pictures; and for other tasks: boxes with captions, mask outlines, strips of video frames."""
 
 from __future__ import annotations
 
 import io as _io
+import math
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import imagecodecs
@@ -15,6 +17,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+from skimage.segmentation import find_boundaries
 
 from gradcam.errors import GradCAMError
 from gradcam.files import atomic_write_bytes
@@ -181,3 +185,152 @@ def guided_image(gradient: torch.Tensor | np.ndarray) -> Image.Image:
     scaled = 0.5 + 0.1 * (array - array.mean()) / (array.std() + 1e-5)
     pixels = (np.clip(scaled, 0.0, 1.0) * 255).round().astype(np.uint8)
     return Image.fromarray(np.ascontiguousarray(pixels.transpose(1, 2, 0)), mode="RGB")
+
+
+# ------------------------------------------------------------ drawing for detection, segmentation, video
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    """Pillow's default font at ``size`` pixels, or its fixed bitmap font where Pillow cannot scale it
+    (before Pillow 10.1, or without FreeType)."""
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ImportError, OSError):
+        return ImageFont.load_default()
+
+
+def _ink_on(color: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Black or white, whichever reads better on ``color`` (Rec. 601 luma)."""
+    red, green, blue = color[:3]
+    return (0, 0, 0) if 0.299 * red + 0.587 * green + 0.114 * blue >= 128 else (255, 255, 255)
+
+
+def _box_pixels(box: Sequence[float], index: int, size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """A box's corners rounded to pixels and clipped to a picture of ``size``; None when it lies wholly
+    outside the picture."""
+    if len(box) != 4:
+        raise GradCAMError(f"box {index} must be (x0, y0, x1, y1), got {len(box)} numbers")
+    x0, y0, x1, y1 = (float(value) for value in box)
+    if not all(math.isfinite(value) for value in (x0, y0, x1, y1)):
+        raise GradCAMError(f"box {index} must hold finite numbers, got {tuple(box)}")
+    if x1 < x0 or y1 < y0:
+        raise GradCAMError(f"box {index} must have x0 <= x1 and y0 <= y1, got {tuple(box)}")
+    width, height = size
+    if x1 < 0 or y1 < 0 or x0 > width - 1 or y0 > height - 1:
+        return None
+    return (
+        max(0, round(x0)),
+        max(0, round(y0)),
+        min(width - 1, round(x1)),
+        min(height - 1, round(y1)),
+    )
+
+
+def _draw_caption(
+    draw: ImageDraw.ImageDraw,
+    corner: tuple[int, int],
+    caption: str,
+    font: ImageFont.FreeTypeFont | ImageFont.ImageFont,
+    color: tuple[int, int, int],
+    size: tuple[int, int],
+) -> None:
+    """``caption`` on a label filled with ``color`` whose bottom-left corner sits at the box's top-left
+    ``corner``; inside the box when there is no room above it, and shifted left to stay in the picture."""
+    left, top, right, bottom = draw.textbbox((0, 0), caption, font=font)
+    pad = max(1, (bottom - top) // 5)
+    label_width, label_height = right - left + 2 * pad, bottom - top + 2 * pad
+    x = max(0, min(corner[0], size[0] - label_width))
+    y = corner[1] - label_height if corner[1] >= label_height else corner[1]
+    draw.rectangle((x, y, x + label_width - 1, y + label_height - 1), fill=color)
+    draw.text((x + pad - left, y + pad - top), caption, fill=_ink_on(color), font=font)
+
+
+def draw_boxes(
+    picture: Image.Image,
+    boxes: Sequence[Sequence[float]],
+    captions: Sequence[str],
+    color: tuple[int, int, int] = (255, 255, 0),
+    width: int | None = None,
+) -> Image.Image:
+    """An RGB copy of ``picture`` with each (x0, y0, x1, y1) box (pixels of that picture, corners
+    included) outlined in ``color`` and its caption (e.g. "person 0.91") written on a label of that
+    colour just above the box, or just inside it when the box touches the top edge.
+
+    The outline lies inside the box, ``width`` pixels thick (default max(2, round(min(w, h) / 200)));
+    boxes are clipped to the picture and those wholly outside it are left out. An empty caption draws
+    no label. Pillow's default font is used, scaled to the picture.
+    """
+    if len(captions) != len(boxes):
+        raise GradCAMError(f"captions must be one per box: got {len(captions)} for {len(boxes)} boxes")
+    canvas = picture.convert("RGB")  # a copy, even of an RGB picture
+    size = canvas.size
+    line = max(2, round(min(size) / 200)) if width is None else width
+    if line < 1:
+        raise GradCAMError(f"box line width must be at least 1 pixel, got {line}")
+    font = _font(max(10, min(32, round(min(size) / 25))))
+    draw = ImageDraw.Draw(canvas)
+    for index, (box, caption) in enumerate(zip(boxes, captions, strict=True)):
+        corners = _box_pixels(box, index, size)
+        if corners is None:
+            continue
+        draw.rectangle(corners, outline=color, width=line)
+        if caption:
+            _draw_caption(draw, (corners[0], corners[1]), caption, font, color, size)
+    return canvas
+
+
+def draw_mask_outline(
+    picture: Image.Image,
+    mask: np.ndarray | torch.Tensor,
+    color: tuple[int, int, int] = (0, 255, 255),
+    width: int = 2,
+) -> Image.Image:
+    """An RGB copy of ``picture`` with the boundary of a boolean (H, W) ``mask`` drawn in ``color``,
+    ``width`` pixels thick (half inside, half outside the mask; an odd width puts the extra pixel
+    inside). The picture's edge closes a mask that touches it. An empty mask gives an unchanged copy."""
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().numpy()
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise GradCAMError(f"mask must be boolean (threshold it first), got dtype {mask.dtype}")
+    expected = (picture.height, picture.width)
+    if mask.shape != expected:
+        raise GradCAMError(f"mask shape {mask.shape} must match the picture's (H, W) {expected}")
+    if width < 1:
+        raise GradCAMError(f"mask outline width must be at least 1 pixel, got {width}")
+    canvas = picture.convert("RGB")  # a copy, even of an RGB picture
+    if not mask.any():
+        return canvas
+    # Padded with background so that the picture's edge closes the mask; "inner" marks one pixel inside
+    # the mask, "thick" one on each side: an odd or even width once dilated by whole rings.
+    padded = np.pad(mask, 1)
+    edge = find_boundaries(padded, mode="inner" if width % 2 else "thick")
+    if width > 2:
+        edge = ndimage.binary_dilation(edge, np.ones((3, 3), dtype=bool), iterations=(width - 1) // 2)
+    pixels = np.array(canvas)
+    pixels[edge[1:-1, 1:-1]] = color
+    return Image.fromarray(pixels, mode="RGB")
+
+
+def frame_strip(frames: Sequence[Image.Image], columns: int | None = None, gap: int = 4) -> Image.Image:
+    """Frames of one size laid out left to right in rows of ``columns`` (default: all in one row), ``gap``
+    white pixels between them and no margin: frame k sits at ((k % columns) (w + gap),
+    (k // columns) (h + gap))."""
+    if not frames:
+        raise GradCAMError("frame strip needs at least one frame, got none")
+    if columns is not None and columns < 1:
+        raise GradCAMError(f"frame strip columns must be at least 1, got {columns}")
+    if gap < 0:
+        raise GradCAMError(f"frame strip gap must be 0 or more pixels, got {gap}")
+    size = frames[0].size
+    for index, frame in enumerate(frames):
+        if frame.size != size:
+            raise GradCAMError(f"frames must be of one size: frame {index} is {frame.size}, frame 0 {size}")
+    count = len(frames) if columns is None else min(columns, len(frames))
+    rows = -(-len(frames) // count)
+    width, height = size
+    canvas = Image.new("RGB", (count * width + (count - 1) * gap, rows * height + (rows - 1) * gap), "white")
+    for index, frame in enumerate(frames):
+        row, column = divmod(index, count)
+        canvas.paste(frame.convert("RGB"), (column * (width + gap), row * (height + gap)))
+    return canvas
