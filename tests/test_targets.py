@@ -58,7 +58,7 @@ def test_bad_targets(setup, targets, message) -> None:
 @pytest.mark.parametrize(
     ("inputs", "message"),
     [
-        (torch.randn(3, 6, 6), r"4-D float tensor \(B,C,H,W\), got shape \(3, 6, 6\)"),
+        (torch.randn(3, 6, 6), r"float tensor \(B,C,H,W\) or \(B,C,T,H,W\).*got shape \(3, 6, 6\)"),
         (torch.zeros(1, 3, 6, 6, dtype=torch.uint8), "got dtype torch.uint8"),
         (np.zeros((1, 3, 6, 6), dtype=np.float32), "got ndarray"),
         (torch.zeros(0, 3, 6, 6), "empty batch"),

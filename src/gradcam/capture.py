@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from gradcam.errors import GradCAMError
+from gradcam.explanation import Placement
 
 
 def _module_names(model: nn.Module) -> dict[nn.Module, str]:
@@ -182,3 +183,37 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Iterat
             for handle in handles:
                 handle.remove()
             torch.set_grad_enabled(grad_mode)
+
+
+@contextmanager
+def detector_canvas(model: nn.Module, inputs: object) -> Iterator[Callable[[], Placement | None]]:
+    """For a list of images, hook the detector's ``GeneralizedRCNNTransform`` for the block and yield a
+    function giving the :class:`~gradcam.explanation.Placement` its forward saw (None for a tensor
+    batch). A list of images for a model without that transform is refused: nothing would say where
+    each image lies on the layers' grid. The hook is removed on exit, also on error."""
+    if isinstance(inputs, torch.Tensor):
+        yield lambda: None
+        return
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    transforms = [m for m in model.modules() if isinstance(m, GeneralizedRCNNTransform)]
+    if len(transforms) != 1:
+        raise GradCAMError(
+            f"inputs are a list of images, but {type(model).__name__} has no torchvision detection "
+            "transform (GeneralizedRCNNTransform) to say where each lands on the layers' grid; pass a "
+            "(B,C,H,W) batch"
+        )
+    seen: list[Placement] = []
+    sizes = tuple((int(image.shape[-2]), int(image.shape[-1])) for image in inputs)  # type: ignore[union-attr]
+
+    def hook(module: nn.Module, args: object, output: object) -> None:
+        images = output[0]  # (ImageList, targets)
+        canvas = (int(images.tensors.shape[-2]), int(images.tensors.shape[-1]))
+        placed = tuple((int(h), int(w)) for h, w in images.image_sizes)
+        seen.append(Placement(canvas, placed, sizes))
+
+    handle = transforms[0].register_forward_hook(hook)
+    try:
+        yield lambda: seen[0] if seen else None
+    finally:
+        handle.remove()

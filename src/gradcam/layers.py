@@ -17,6 +17,10 @@ class-specific, spatially resolved parts of the image. We make that precise and 
   ``blocks[-1].norm1``). A model whose attention has no such input (MaxViT feeds it partitioned grids)
   gets the CNN choice. Never the final norm: after it a class-token model's score no longer depends on
   the patch tokens, and the map would be zero.
+* **Segmenters and detectors** (torchvision's FCN, DeepLabV3, LRASPP, Faster R-CNN, RetinaNet, FCOS,
+  SSD): the last stage of the backbone (:func:`backbone_stage`), the deepest feature map that still
+  belongs to every pixel, not the heads after it nor the FPN, whose output is a dict of levels.
+  Video CNNs (r3d_18, mc3_18, r2plus1d_18) get the CNN choice on their (B, C, t, h, w) outputs.
 """
 
 from __future__ import annotations
@@ -231,6 +235,31 @@ def choose_layer(layers: list[LayerInfo]) -> str:
         "no layer outputs a feature map with spatial size > 1 and runs once per forward; "
         "pass layer= explicitly"
     )
+
+
+def backbone_stage(model: nn.Module) -> str | None:
+    """The last stage of a segmenter's or detector's ``backbone`` (see the module docstring), or None
+    when the model has no such backbone.
+
+    torchvision's segmenters and R-CNN-style detectors wrap the backbone's stages in an
+    ``IntermediateLayerGetter`` (the detectors inside ``backbone.body``, under an FPN): its last child is
+    the last stage (``backbone.layer4``, ``backbone.body.layer4``, ``backbone.body.16``). SSD's backbone
+    runs ``features`` (VGG: as one module; SSDLite: block by block) before its extra layers.
+    """
+    backbone = getattr(model, "backbone", None)
+    if not isinstance(backbone, nn.Module):
+        return None
+    prefix = "backbone"
+    body = getattr(backbone, "body", None)
+    if isinstance(body, nn.ModuleDict):
+        backbone, prefix = body, "backbone.body"
+    if isinstance(backbone, nn.ModuleDict) and len(backbone):
+        return f"{prefix}.{list(backbone.keys())[-1]}"
+    features = getattr(backbone, "features", None)
+    if isinstance(features, nn.Sequential) and len(features):
+        vgg = type(backbone).__name__ == "SSDFeatureExtractorVGG"
+        return f"{prefix}.features" if vgg else f"{prefix}.features.{len(features) - 1}"
+    return None
 
 
 def find_layer(model: nn.Module, inputs: torch.Tensor) -> str:

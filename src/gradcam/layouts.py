@@ -52,12 +52,14 @@ CHANNELS_FIRST = "channels-first"
 CHANNELS_LAST = "channels-last"
 TOKENS = "tokens"
 CUSTOM = "custom"
+VOLUME = "channels-first-3d"
 
 #: The most prefix tokens (class + distillation + registers) derived as N - h*w when none is declared.
 MAX_DERIVED_PREFIX = 32
 #: How many cells each spatial axis of a 4-D activation may be off the input shrunk by one factor
 #: (what valid convolutions and floor/ceil rounding lose; Inception's 299x400 input gives 8x11).
 GEOMETRY_SLACK = 1.0
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -72,6 +74,15 @@ class Layout:
     grid: tuple[int, int] | None = None
     prefix: int | None = None
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
+    depth: int | None = None  # a volume's time (or depth) axis t
+
+    @classmethod
+    def volume(cls, depth: int) -> Layout:
+        """(B, C, t, h, w), as 3-D convolutions produce (video and volume models). It is read as the
+        feature map (B, C, t*h, w): every method that treats the positions of a map as a set (the
+        gradient CAMs, Eigen-CAM, Ablation-CAM) is then exact, and :meth:`unfold` gives the
+        (..., t, h, w) map back."""
+        return cls(VOLUME, depth=int(depth))
 
     @classmethod
     def channels_first(cls) -> Layout:
@@ -109,6 +120,8 @@ class Layout:
             return (shape[2], shape[3])
         if self.kind == CHANNELS_LAST and len(shape) == 4:
             return (shape[1], shape[2])
+        if self.kind == VOLUME and len(shape) == 5:
+            return (shape[3], shape[4])
         return None
 
     def describe(self, shape: tuple[int, ...] | None = None) -> str:
@@ -117,7 +130,13 @@ class Layout:
         if grid is None:
             return self.kind
         prefix = f"{self.prefix or 0}+" if self.kind == TOKENS else ""
+        prefix = f"{self.depth}x" if self.kind == VOLUME else prefix
         return f"{self.kind} {prefix}{grid[0]}x{grid[1]}"
+
+    def unfold(self, maps: torch.Tensor) -> torch.Tensor:
+        """Maps (..., h', w) read from this layout back on the layer's grid: (..., t, h, w) for a volume
+        (h' = t*h), unchanged otherwise."""
+        return maps.unflatten(-2, (self.depth, -1)) if self.kind == VOLUME else maps
 
     def feature_map(self, tensor: torch.Tensor, leading: int = 0) -> torch.Tensor:
         """The (..., B, C, h, w) feature map of ``tensor`` (the layer's output, or its gradient with
@@ -126,6 +145,8 @@ class Layout:
             return tensor
         if self.kind == CHANNELS_LAST:
             return tensor.movedim(-1, -3)
+        if self.kind == VOLUME:
+            return tensor.flatten(-3, -2)
         if self.kind == TOKENS:
             assert self.grid is not None and self.prefix is not None
             patches = tensor[..., self.prefix :, :]
@@ -146,6 +167,8 @@ class Layout:
             return maps
         if self.kind == CHANNELS_LAST:
             return maps.movedim(-3, -1)
+        if self.kind == VOLUME:
+            return maps.unflatten(-2, (self.depth, -1))
         if self.kind == TOKENS:
             assert self.prefix is not None
             patches = maps.movedim(-3, -1).flatten(-3, -2)
@@ -323,8 +346,10 @@ def decide(
         return _complete(explicit, name, shape, size, facts)
     if len(shape) == 3:
         return _token_layout(name, shape, size, facts)
+    if len(shape) == 5:
+        return _volume_layout(name, shape, size)
     if len(shape) != 4:
-        raise LayoutError(name, shape, "expected (B,C,h,w), (B,h,w,C) or tokens (B,N,D)")
+        raise LayoutError(name, shape, "expected (B,C,h,w), (B,h,w,C), (B,C,t,h,w) or tokens (B,N,D)")
     if inside_attention:
         why = "it is computed inside an attention module (heads, not a feature map)"
         raise LayoutError(name, shape, why)
@@ -342,6 +367,14 @@ def decide(
     if not facts.is_transformer:
         return Layout.channels_first()
     raise LayoutError(name, shape, "both channels-first and channels-last fit the input")
+
+
+def _volume_layout(name: str, shape: tuple[int, ...], size: tuple[int, int]) -> Layout:
+    """A 5-D output in PyTorch's 3-D convention (B, C, t, h, w), its (h, w) the input's grid shrunk."""
+    if not _fits_input((shape[3], shape[4]), size):
+        grid = f"{size[0]}x{size[1]}"
+        raise LayoutError(name, shape, f"axes 3-4 are not a spatial grid of the {grid} input")
+    return Layout.volume(shape[2])
 
 
 def _token_layout(name: str, shape: tuple[int, ...], size: tuple[int, int], facts: ModelFacts) -> Layout:
@@ -368,6 +401,8 @@ def _complete(
     layout: Layout, name: str, shape: tuple[int, ...], size: tuple[int, int], facts: ModelFacts
 ) -> Layout:
     """An explicit layout checked against the shape, a tokens layout's missing grid/prefix filled in."""
+    if layout.kind in (CHANNELS_FIRST, VOLUME) and len(shape) == 5:
+        return Layout.volume(shape[2])
     if layout.kind in (CHANNELS_FIRST, CHANNELS_LAST):
         if len(shape) != 4:
             raise GradCAMError(f"layer '{name}' outputs {tuple(shape)}; a {layout.kind} layout needs 4 axes")

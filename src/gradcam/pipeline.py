@@ -11,10 +11,13 @@ evaluation all explain through :class:`Explainer`; none of them computes a map o
 methods (they read :mod:`gradcam.methods.registry`).
 
 Which classes are explained: image b's classes are its ``topk`` best (``topk`` an int, or one per image),
-then its named ``targets``, without repeats; its top-1 class when it has neither. ``targets`` names
-classes as the CAM call does: an int for every image, a flat sequence of B ints (or a 1-D tensor) for
-one class per image, or one list (or None) per image for several; ``targets="all"`` explains every
-class. The classes are chosen from the logits of the same forward that computes the
+then its named ``targets``, without repeats; its top-1 class when it has neither. Models that are no
+classifiers are explained for target functions (:mod:`gradcam.targets`): ``targets`` is then one
+function, a list of them (one row each), or a chooser of rows from the forward's output, as
+``Detections(min_score=0.5, topk=5)`` (each image's own detections; ``topk`` does not apply).
+``targets`` names classes as the CAM call does: an int for every image, a flat sequence of B ints (or a
+1-D tensor) for one class per image, or one list (or None) per image for several; ``targets="all"``
+explains every class. The classes are chosen from the logits of the same forward that computes the
 maps, so predicting and explaining cost one pass. Results are always (N,B): row n holds each image's
 n-th class, an image with fewer classes repeating its last one (:attr:`Result.wanted` says which rows
 are its own).
@@ -23,7 +26,7 @@ are its own).
 from __future__ import annotations
 
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -34,11 +37,15 @@ from gradcam.errors import GradCAMError
 from gradcam.explanation import Explanation, fuse
 from gradcam.layouts import LayoutSpec
 from gradcam.methods import CAM, registry
+from gradcam.methods.base import Chooser, Inputs
 from gradcam.methods.guided import GuidedBackprop, guided_gradcam
 from gradcam.methods.score import Progress
+from gradcam.targets import model_logits
+from gradcam.targets.rows import ClassRows, Rows, TargetRows
 
-#: What ``targets`` may be: None, "all", an int, B ints (one per image), or one list (or None) per image.
-Targets = int | Sequence[int] | Sequence[Sequence[int] | None] | str | None
+#: What ``targets`` may be: None, "all", an int, B ints (one per image), one list (or None) per image;
+#: or a target function, a list of them, or a chooser of rows (``Detections``).
+Targets = int | Sequence[int] | Sequence[Sequence[int] | None] | str | Callable | Sequence[Callable] | None
 
 
 @dataclass(frozen=True)
@@ -49,12 +56,12 @@ class Result:
         method: the registry name explained.
         layer: the explained layer(s) ("+"-joined when fused), or the attention blocks; None for
             ``guided-backprop``, which has no layer.
-        wanted: per image, the classes explained, in order (row n of the tensors is class n of image
-            b while n < len(wanted[b])).
-        ids: (N,B) long class explained in each row.
-        scores: (N,B) pre-softmax score y^c of each row's class.
-        probs: (N,B) its softmax probability.
-        logits: (B, classes) the model's output, from the same forward.
+        wanted: per image, the classes (labels) explained, in order (row n of the tensors is class n of
+            image b while n < len(wanted[b])); empty for an image with no detection to explain.
+        ids: (N,B) long class explained in each row (-1 for a target function naming none).
+        scores: (N,B) score y^c of each row's target (a classifier's pre-softmax score).
+        probs: (N,B) its softmax (sigmoid) probability; NaN where the target has none.
+        logits: (B, classes) the model's output, from the same forward; None for other models.
         explanation: the (N,B) :class:`~gradcam.Explanation` of the method (of Grad-CAM for
             ``guided-gradcam``; None for ``guided-backprop``).
         guided: (N,B,C,H,W) Guided Backpropagation gradients, when asked for (a pixel method or
@@ -67,12 +74,19 @@ class Result:
     ids: torch.Tensor
     scores: torch.Tensor
     probs: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     explanation: Explanation | None
     guided: torch.Tensor | None = None
+    #: (N,B,4) the box (x0, y0, x1, y1, in the image's pixels) of each row's detection, for detections
+    boxes: torch.Tensor | None = None
+    #: (N,B,H,W) bool each row's predicted mask on the segmenter's output pixels, for segmented classes
+    masks: torch.Tensor | None = None
 
     def top(self, k: int = 5) -> list[list[tuple[int, float]]]:
-        """Each image's k best classes (fewer when the model has fewer) as (class, probability)."""
+        """Each image's k best classes (fewer when the model has fewer) as (class, probability); empty
+        lists for a model that is no classifier."""
+        if self.logits is None:
+            return [[] for _ in self.wanted]
         probabilities = self.logits.softmax(dim=1)
         values, indices = probabilities.topk(min(k, probabilities.shape[1]), dim=1)
         return [
@@ -92,7 +106,7 @@ class Result:
     @cached_property
     def _guided_gradcam(self) -> torch.Tensor:
         assert self.guided is not None and self.explanation is not None
-        return guided_gradcam(self.guided, self.explanation.maps)
+        return guided_gradcam(self.guided, self.explanation.maps, self.explanation.dims)
 
     def pictures(self, method: str | None = None) -> torch.Tensor:
         """(N,B,C,H,W) the input-space picture of a pixel method (default: this result's): the guided
@@ -171,12 +185,11 @@ class Explainer:
     def counterfactual(self) -> bool:
         return bool(self.cam is not None and self.cam.counterfactual)
 
-    def explain(
-        self, inputs: torch.Tensor, targets: Targets = None, *, topk: int | Sequence[int] = 0
-    ) -> Result:
-        """Explain ``inputs`` (B,C,H,W) for each image's classes (module docstring): ONE forward and
-        backward of the batch for the predictions and the maps, one more (guided) when asked for."""
-        choose = _chooser(targets, topk, len(inputs))
+    def explain(self, inputs: Inputs, targets: Targets = None, *, topk: int | Sequence[int] = 0) -> Result:
+        """Explain ``inputs`` (a batch (B,C,H,W), clips (B,C,T,H,W) or a detector's list of (C,H,W)
+        images) for each image's targets (module docstring): ONE forward and backward of the batch for
+        the predictions and the maps, one more (guided) when asked for."""
+        choose = _Recorder(_chooser(targets, topk, len(inputs)))
         explanation = None
         if self.cam is not None:
             found = self.cam.explain_rows(
@@ -185,27 +198,25 @@ class Explainer:
             explanation = fuse(found) if len(found) > 1 else found[0]
         guided = None
         if self.guided is not None:
-            fixed = explanation.targets.to(inputs.device) if explanation is not None else None
-            logits, ids, guided = self.guided.explain_rows(
-                inputs, choose if fixed is None else lambda _: fixed
+            fixed = choose.rows
+            scored, guided = self.guided.explain_rows(
+                inputs,
+                choose if fixed is None else lambda _: fixed,  # type: ignore[arg-type]
             )
-        if explanation is not None:
-            logits, ids = explanation.logits, explanation.targets
-            scores, probs = explanation.scores, explanation.probs
-        else:
-            logits = logits.float()
-            scores = logits.gather(1, ids.T).T
-            probs = logits.softmax(dim=1).gather(1, ids.T).T
+        source = explanation if explanation is not None else scored
+        assert choose.rows is not None
         return Result(
             method=self.method,
             layer=explanation.layer if explanation is not None else None,
-            wanted=choose.wanted,
-            ids=ids,
-            scores=scores,
-            probs=probs,
-            logits=logits,
+            wanted=choose.rows.wanted,
+            ids=source.targets if explanation is not None else scored.ids,
+            scores=source.scores,
+            probs=source.probs,
+            logits=source.logits,
             explanation=explanation,
             guided=guided,
+            boxes=None if choose.rows.boxes is None else choose.rows.boxes.detach().float().cpu(),
+            masks=choose.rows.masks,
         )
 
 
@@ -223,18 +234,29 @@ def explain(
     return Explainer(model, method, **settings).explain(inputs, targets, topk=topk)  # type: ignore[arg-type]
 
 
+class _Recorder:
+    """A chooser that remembers the rows it chose last (the per-image ``wanted``, the boxes)."""
+
+    def __init__(self, choose: Chooser) -> None:
+        self.choose = choose
+        self.rows: Rows | None = None
+
+    def __call__(self, output: object) -> Rows:
+        self.rows = self.choose(output)
+        return self.rows
+
+
 class _Chooser:
-    """The (N,B) classes of a batch from its logits, by the rule of the module docstring; remembers the
-    per-image lists it chose (``wanted``)."""
+    """The (N,B) classes of a batch from its logits, by the rule of the module docstring."""
 
     def __init__(self, named: list[list[int]] | None, topk: list[int], batch: int) -> None:
         self.named, self.topk, self.batch = named, topk, batch
-        self.wanted: tuple[tuple[int, ...], ...] = ()
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, output: object) -> ClassRows:
+        logits = model_logits(output, self.batch).detach()
         classes = logits.shape[1]
         if self.named is None:  # "all"
-            self.wanted = tuple(tuple(range(classes)) for _ in range(self.batch))
+            wanted = tuple(tuple(range(classes)) for _ in range(self.batch))
         else:
             for k in self.topk:
                 if not 0 <= k <= classes:
@@ -245,16 +267,39 @@ class _Chooser:
                     raise GradCAMError(f"target class {bad[0]} is out of range; expected 0..{classes - 1}")
             ranking = logits.argsort(dim=1, descending=True)[:, : max(self.topk, default=0)].tolist()
             top1 = logits.argmax(dim=1).tolist()
-            self.wanted = tuple(
+            wanted = tuple(
                 tuple(dict.fromkeys(ranking[b][: self.topk[b]] + self.named[b])) or (top1[b],)
                 for b in range(self.batch)
             )
-        rows = max(len(w) for w in self.wanted)
-        grid = [[w[min(n, len(w) - 1)] for w in self.wanted] for n in range(rows)]
-        return torch.tensor(grid, dtype=torch.long, device=logits.device)
+        rows = max(len(w) for w in wanted)
+        grid = [[w[min(n, len(w) - 1)] for w in wanted] for n in range(rows)]
+        return ClassRows(torch.tensor(grid, dtype=torch.long, device=logits.device), self.batch, wanted)
 
 
-def _chooser(targets: Targets, topk: int | Sequence[int], batch: int) -> _Chooser:
+def _is_function(value: object) -> bool:
+    return callable(value) and not isinstance(value, (torch.Tensor, str))
+
+
+def _function_chooser(targets: object, topk: int | Sequence[int], batch: int) -> Chooser | None:
+    """The chooser of target functions (a function, a list of them, a chooser of rows), or None."""
+    listed = isinstance(targets, (list, tuple)) and bool(targets) and all(map(_is_function, targets))
+    if not (_is_function(targets) or listed):
+        return None
+    if topk if _is_class(topk) else any(topk):  # type: ignore[arg-type]
+        raise GradCAMError(
+            "topk chooses a classifier's classes; with target functions give the rows themselves "
+            "(Detections(topk=...) for a detector's detections)"
+        )
+    if getattr(targets, "chooses_rows", False):  # Detections, SegmentedClasses: from the forward
+        return targets  # type: ignore[return-value]
+    functions = list(targets) if listed else [targets]  # type: ignore[arg-type]
+    return lambda output: TargetRows(functions, batch)
+
+
+def _chooser(targets: Targets, topk: int | Sequence[int], batch: int) -> Chooser:
+    functions = _function_chooser(targets, topk, batch)
+    if functions is not None:
+        return functions
     if isinstance(targets, str):
         if targets != "all":
             raise GradCAMError(

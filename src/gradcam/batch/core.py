@@ -8,6 +8,7 @@ failures to a :class:`Tally`, which keeps the run's :class:`~gradcam.batch.manif
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,8 +19,10 @@ import torch
 from gradcam.batch.dataset import OVERLAY_SIZE, Sample
 from gradcam.batch.manifest import RunLog
 from gradcam.batch.writer import ShardWriter, write_target
+from gradcam.methods.base import Inputs
 from gradcam.models import LoadedModel
-from gradcam.pipeline import Explainer, Result
+from gradcam.pipeline import Explainer, Result, Targets
+from gradcam.targets import Detections, SegmentedClasses
 
 
 @dataclass
@@ -28,7 +31,10 @@ class Job:
 
     ``targets`` are classes named for every image and ``topk`` each image's best classes (see
     :mod:`gradcam.pipeline`); ``panels`` adds the original | heatmap | overlay panel per target, and an
-    explainer with ``guided=True`` adds the Guided Backprop and Guided Grad-CAM pictures.
+    explainer with ``guided=True`` adds the Guided Backprop and Guided Grad-CAM pictures. By the model's
+    task (:func:`task_targets`): a segmenter's classes are the named ones or its ``topk`` (default 1)
+    largest predicted classes; a detector's targets are its detections scoring at least ``min_score``
+    (of the named labels only, when given), at most ``topk`` per image.
     """
 
     loaded: LoadedModel
@@ -41,6 +47,7 @@ class Job:
     workers: int = 2
     overlay_size: int = OVERLAY_SIZE
     panels: bool = True
+    min_score: float = 0.5
 
 
 @dataclass
@@ -65,9 +72,35 @@ def pending(keys: Sequence[str], log: RunLog) -> list[int]:
     return [i for i, key in enumerate(keys) if key not in log.done]
 
 
-def explain(job: Job, batch: torch.Tensor) -> Result:
-    """One batch through the job's explainer: every wanted class of every image, one forward."""
-    return job.explainer.explain(batch, [list(job.targets)] * len(batch), topk=job.topk)
+def task_targets(job: Job, batch: int) -> tuple[Targets, int]:
+    """(targets, topk) of a batch of ``batch`` images for the job's task (see :class:`Job`)."""
+    task = job.loaded.task
+    if task == "detection":
+        labels = list(job.targets) or None
+        return Detections(min_score=job.min_score, topk=job.topk or None, labels=labels), 0
+    if task == "segmentation":
+        return SegmentedClasses(classes=tuple(job.targets), topk=job.topk or 1), 0
+    return [list(job.targets)] * batch, job.topk
+
+
+def explain(job: Job, batch: Inputs) -> Result:
+    """One batch through the job's explainer: every wanted target of every image, one forward."""
+    targets, topk = task_targets(job, len(batch))
+    return job.explainer.explain(batch, targets, topk=topk)
+
+
+def model_inputs(
+    job: Job, tensors: Sequence[torch.Tensor], device: torch.device
+) -> list[tuple[list[int], Inputs]]:
+    """A batch's prepared tensors as the model's inputs, with the rows each holds: a detector's list of
+    images of their own sizes; else (B,C,H,W) or (B,C,T,H,W) stacks, one per size (a segmenter's
+    images keep their aspect ratio, so a batch may hold several sizes)."""
+    if job.loaded.task == "detection":
+        return [(list(range(len(tensors))), [t.to(device) for t in tensors])]
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for row, tensor in enumerate(tensors):
+        by_shape.setdefault(tuple(tensor.shape), []).append(row)
+    return [(rows, torch.stack([tensors[r] for r in rows]).to(device)) for rows in by_shape.values()]
 
 
 def failure_reason(error: BaseException) -> str:
@@ -85,6 +118,22 @@ def image_records(
     top5 = [{"index": i, "class": labels[i], "probability": round(p, 6)} for i, p in best]
     ranks = {index: rank for rank, (index, _) in enumerate(best)}
     wanted = result.wanted[row]
+    if not wanted:  # a detector found nothing to explain: one line says so, and the image is done
+        reason = f"no detection scored at least {job.min_score}"
+        return [
+            {
+                "key": key,
+                "image": str(path),
+                "target": None,
+                "class": None,
+                "of": 1,
+                "top5": top5,
+                "layer": result.layer,
+                "task": job.loaded.task,
+                "none": reason,
+                "files": {},
+            }
+        ]
     records = []
     for n, target in enumerate(wanted):
         written = write_target(job, sample, key, result, n, row, shards)
@@ -93,17 +142,43 @@ def image_records(
                 "key": key,
                 "image": str(path),
                 "target": target,
-                "class": labels[target],
-                "probability": round(float(result.probs[n, row]), 6),
-                "score": round(float(result.scores[n, row]), 6),
+                "class": label_name(labels, target),
+                "probability": _number(result.probs[n, row]),
+                "score": _number(result.scores[n, row]),
                 "rank": ranks.get(target),
                 "of": len(wanted),
                 "top5": top5,
                 "layer": result.layer,
+                "task": job.loaded.task,
+                **task_fields(result, n, row, sample.frame_size),
                 **written,
             }
         )
     return records
+
+
+def label_name(labels: Sequence[str], target: int) -> str | None:
+    """The name of class (label) ``target``; None for a target naming none (-1) or beyond the list."""
+    return labels[target] if 0 <= target < len(labels) else None
+
+
+def _number(value: torch.Tensor) -> float | None:
+    number = float(value)
+    return None if math.isnan(number) else round(number, 6)
+
+
+def task_fields(result: Result, n: int, row: int, frame_size: tuple[int, int] | None) -> dict:
+    """The manifest fields of a detection (its box in the frame's pixels, its score and index) or of a
+    segmented class (its predicted mask's area in the frame's pixels and as a fraction of the image)."""
+    if result.boxes is not None:
+        box = [round(float(v), 1) for v in result.boxes[n, row]]
+        return {"detection": {"index": n, "box": box, "score": _number(result.scores[n, row])}}
+    if result.masks is not None:
+        mask = result.masks[n, row]
+        fraction = float(mask.float().mean())
+        width, height = frame_size or (mask.shape[1], mask.shape[0])
+        return {"mask": {"area": round(fraction * width * height), "fraction": round(fraction, 6)}}
+    return {}
 
 
 def records_for(

@@ -149,7 +149,7 @@ def _page_records(run_dir: Path, manifest: list[dict], size: int) -> list[dict]:
             {
                 "key": str(record.get("key", "")),
                 "target": _integer(record.get("target")),
-                "class": str(record.get("class", "")),
+                "class": str(record.get("class") or ""),
                 "probability": _number(record.get("probability")),
                 "rank": _integer(record.get("rank")),
                 "of": _integer(record.get("of")),
@@ -195,17 +195,20 @@ def render_page(
     """The whole HTML document for the page ``records`` (as :func:`write_gallery` embeds them): a header
     with the model, method and settings from run.json (``settings``, None when unreadable) and the
     numbers of images, targets and errors; the controls; the cards' records; the ``errors``."""
-    return _TEMPLATES.get_template("gallery.html").render(
-        title=run_dir.resolve().name or str(run_dir),
-        cell=max(140, min(thumbnail_size, 360)),
-        settings=settings,
-        run_file=RUN_FILE,
-        images=len({r["key"] for r in records}),
-        records=records,
-        errors=errors,
-        open_errors=_ERRORS_OPEN,
-        page_size=PAGE_SIZE,
-    ) + "\n"
+    return (
+        _TEMPLATES.get_template("gallery.html").render(
+            title=run_dir.resolve().name or str(run_dir),
+            cell=max(140, min(thumbnail_size, 360)),
+            settings=settings,
+            run_file=RUN_FILE,
+            images=len({r["key"] for r in records}),
+            records=records,
+            errors=errors,
+            open_errors=_ERRORS_OPEN,
+            page_size=PAGE_SIZE,
+        )
+        + "\n"
+    )
 
 
 def write_gallery(run_dir: Path, *, thumbnail_size: int = 256) -> Path:

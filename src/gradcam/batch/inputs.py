@@ -52,6 +52,40 @@ def collect_images(specs: Sequence[str | os.PathLike[str]]) -> list[Path]:
     return list(seen)
 
 
+def collect_clips(specs: Sequence[str | os.PathLike[str]]) -> list[Path]:
+    """Every clip the specs name, in order, without duplicates (the inputs of a video model).
+
+    A spec is a video file (kept even when missing: it is reported when it fails to load), a folder
+    of frame images (one clip), a folder holding video files or frame folders (each one clip, searched
+    recursively), a glob or ``@list.txt`` as for :func:`collect_images`.
+    """
+    from gradcam import video
+
+    seen: dict[Path, None] = {}
+    for spec in specs:
+        text = os.fspath(spec)
+        if text.startswith("@") or (_GLOB_CHARACTERS & set(text) and not Path(text).exists()):
+            found = _expand(text, set(video.VIDEO_SUFFIXES), False)
+        else:
+            found = _clips_in(Path(text))
+        for path in found:
+            seen.setdefault(path, None)
+    return list(seen)
+
+
+def _clips_in(path: Path) -> list[Path]:
+    from gradcam import video
+
+    if not path.is_dir() or video.is_video(path):
+        return [path]
+    return sorted(
+        p
+        for p in path.rglob("*")
+        if not p.name.startswith(".")
+        and ((p.is_file() and p.suffix.lower() in video.VIDEO_SUFFIXES) or (p.is_dir() and video.is_video(p)))
+    )
+
+
 def output_keys(paths: Sequence[Path]) -> list[str]:
     """Each image's path relative to the deepest folder holding them all, in POSIX form: the layout
     mirrored under the output folder (``a/b/cat.jpg`` -> ``OUT/a/b/cat.jpg_...``)."""

@@ -9,8 +9,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-import torch
-
 from gradcam.batch import core
 from gradcam.batch.core import Job, Summary, Tally
 from gradcam.batch.dataset import ImageDataset, Sample, loader
@@ -36,7 +34,7 @@ def run_local(
     run = _Run(job, [paths[i] for i in todo], [keys[i] for i in todo], tally)
     # Pillow's encoders release the GIL: several writer threads use several cores.
     with ThreadPoolExecutor(max_workers=max(2, job.workers)) as writer:
-        dataset = ImageDataset(run.paths, job.loaded.preprocess, job.overlay_size)
+        dataset = ImageDataset(run.paths, job.loaded.preprocess, job.overlay_size, job.loaded.clip_length)
         for samples in loader(dataset, job.batch_size, job.workers):
             run.batch(samples, writer)
         run.drain()
@@ -72,29 +70,32 @@ class _Run:
     def _explain(
         self, good: list[Sample], writer: ThreadPoolExecutor
     ) -> tuple[list[Future] | None, str | None]:
-        batch = torch.stack([s.tensor for s in good]).to(self.device)
-        try:
-            result = core.explain(self.job, batch)
-        except RuntimeError as error:  # the model's own forward failed on these inputs
-            reason = core.failure_reason(error)
-            for s in good:
-                path = self.paths[s.index]
-                self.tally.failed(self.keys[s.index], path, f"{path}: model failed ({reason})")
-            return None, None
-        futures = [
-            writer.submit(
-                core.image_records,
-                self.job,
-                s,
-                self.keys[s.index],
-                self.paths[s.index],
-                result,
-                row,
-                self.shards,
-            )
-            for row, s in enumerate(good)
-        ]
-        return futures, result.layer
+        futures, layer = [], None
+        for rows, inputs in core.model_inputs(self.job, [s.tensor for s in good], self.device):
+            samples = [good[r] for r in rows]
+            try:
+                result = core.explain(self.job, inputs)
+            except RuntimeError as error:  # the model's own forward failed on these inputs
+                reason = core.failure_reason(error)
+                for s in samples:
+                    path = self.paths[s.index]
+                    self.tally.failed(self.keys[s.index], path, f"{path}: model failed ({reason})")
+                continue
+            layer = result.layer
+            futures += [
+                writer.submit(
+                    core.image_records,
+                    self.job,
+                    s,
+                    self.keys[s.index],
+                    self.paths[s.index],
+                    result,
+                    row,
+                    self.shards,
+                )
+                for row, s in enumerate(samples)
+            ]
+        return (futures or None), layer
 
     def drain(self) -> None:
         """Wait for the batch in flight, then record its lines."""

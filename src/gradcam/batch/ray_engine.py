@@ -165,7 +165,11 @@ def _pipeline(
         ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / job.batch_size)))
         .map_batches(
             _decode,
-            fn_kwargs={"preprocess": job.loaded.preprocess, "overlay_size": job.overlay_size},
+            fn_kwargs={
+                "preprocess": job.loaded.preprocess,
+                "overlay_size": job.overlay_size,
+                "clip_length": job.loaded.clip_length,
+            },
             batch_size=job.batch_size,
             batch_format="numpy",
             num_cpus=1,
@@ -258,13 +262,15 @@ def _quiet(ray: Any) -> Iterator[None]:
             logger.setLevel(level)
 
 
-def _decode(batch: dict[str, np.ndarray], preprocess: Preprocess, overlay_size: int) -> dict[str, np.ndarray]:
-    """Read and preprocess a batch of images (a Ray task): fixed-size model inputs, the pictures the
-    overlays are drawn on (their shapes vary), the frame sizes, and an error message ("" when none)."""
-    dataset = ImageDataset([Path(str(p)) for p in batch["read"]], preprocess, overlay_size)
+def _decode(
+    batch: dict[str, np.ndarray], preprocess: Preprocess, overlay_size: int, clip_length: int | None = None
+) -> dict[str, np.ndarray]:
+    """Read and preprocess a batch of images or clips (a Ray task): the model inputs and the pictures the
+    overlays are drawn on (both as objects: a segmenter's and a detector's inputs keep each image's own
+    size), the frame sizes, and an error message ("" when none)."""
+    dataset = ImageDataset([Path(str(p)) for p in batch["read"]], preprocess, overlay_size, clip_length)
     count = len(dataset)
-    height, width = preprocess.size
-    tensors = np.zeros((count, 3, height, width), np.float32)
+    tensors = np.empty(count, dtype=object)
     pictures = np.empty(count, dtype=object)
     sizes = np.zeros((count, 2), np.int64)
     errors = []
@@ -276,6 +282,7 @@ def _decode(batch: dict[str, np.ndarray], preprocess: Preprocess, overlay_size: 
             sizes[row] = sample.frame_size
             errors.append("")
         else:
+            tensors[row] = np.zeros((1,), np.float32)
             pictures[row] = np.zeros((1, 1, 3), np.uint8)
             # The message names the path as the caller gave it, as the local engine's does.
             errors.append(sample.error.replace(str(batch["read"][row]), str(batch["image"][row])))
@@ -319,10 +326,29 @@ class _ExplainActor:
         lines: list[str],
     ) -> tuple[str, str]:
         """Explain and write the readable rows; fills ``errors`` and ``lines``, returns (fatal, layer)."""
+        job, layer = self.job, ""
+        tensors = [torch.as_tensor(np.asarray(batch["tensor"][row], dtype=np.float32)) for row in good]
+        for rows, inputs in core.model_inputs(job, tensors, self.device):
+            fatal, layer = self._explain_group(
+                batch, [good[r] for r in rows], keys, images, errors, lines, inputs
+            )
+            if fatal:
+                return fatal, ""
+        return "", layer
+
+    def _explain_group(
+        self,
+        batch: dict[str, np.ndarray],
+        good: list[int],
+        keys: list[str],
+        images: list[str],
+        errors: list[str],
+        lines: list[str],
+        inputs: object,
+    ) -> tuple[str, str]:
         job = self.job
-        inputs = torch.as_tensor(np.stack([batch["tensor"][row] for row in good])).to(self.device)
         try:
-            result = core.explain(job, inputs)
+            result = core.explain(job, inputs)  # type: ignore[arg-type]
         except GradCAMError as error:
             return str(error), ""
         except RuntimeError as error:  # the model's own forward failed on these inputs

@@ -4,6 +4,7 @@ pictures, each written atomically."""
 from __future__ import annotations
 
 import io as _io
+import math
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -27,11 +28,20 @@ MAP_FORMATS = ("npy", "npz")
 SHARD_SIZE = 1024
 
 
-def output_stem(key: str, target: int, label: str, method: str, counterfactual: bool = False) -> str:
+def output_stem(
+    key: str,
+    target: int,
+    label: str,
+    method: str,
+    counterfactual: bool = False,
+    detection: int | None = None,
+) -> str:
     """``sub/cat.jpg`` -> ``sub/cat.jpg_285-egyptian-cat`` (plus the method when not Grad-CAM, and
-    ``_counterfactual``): the image's full name keeps ``cat.jpg`` and ``cat.png`` apart."""
+    ``_counterfactual``): the image's full name keeps ``cat.jpg`` and ``cat.png`` apart. A detection's
+    stem leads with its index, as an image may hold several of one label: ``street.jpg_det0_1-person``."""
     tag = "" if method == "gradcam" else f"_{slug(method.replace('+', 'p'))}"  # gradcam++ -> gradcampp
-    return f"{key}_{target}-{slug(label)}{tag}{'_counterfactual' if counterfactual else ''}"
+    lead = "" if detection is None else f"det{detection}_"
+    return f"{key}_{lead}{target}-{slug(label)}{tag}{'_counterfactual' if counterfactual else ''}"
 
 
 def write_target(
@@ -53,7 +63,11 @@ def write_target(
     """
     labels, out = job.loaded.labels, job.out
     target = result.wanted[row][n]
-    stem = output_stem(key, target, labels[target], result.method, job.explainer.counterfactual)
+    name = labels[target] if 0 <= target < len(labels) else "target"
+    detection = n if result.boxes is not None else None
+    stem = output_stem(key, target, name, result.method, job.explainer.counterfactual, detection)
+    if sample.picture.ndim == 4:  # a clip's frames
+        return _write_clip(job, sample, stem, result, n, row)
     picture = Image.fromarray(sample.picture)
     files: dict[str, str] = {}
     drawn = None
@@ -61,19 +75,61 @@ def write_target(
         explanation = result.explanation
         drawn = explanation.map_at(n, row, (picture.height, picture.width))
         heat = viz.heatmap(drawn)
-        overlay = Image.blend(picture, heat, viz.OVERLAY_ALPHA)
+        overlay = _marked(Image.blend(picture, heat, viz.OVERLAY_ALPHA), result, n, row, sample, name)
         pictures = {"overlay": overlay}
         if job.panels:
-            title = f"{Path(key).name}: {labels[target]} ({float(result.probs[n, row]):.1%}) {_kind(job)}"
+            title = f"{Path(key).name}: {name} ({_value(result, n, row)}) {_kind(job)}"
             pictures["panel"] = viz.compose_panel(picture, heat, overlay, title)
         for kind, image in pictures.items():
             files[kind] = _save(out, f"{stem}_{kind}.png", image)
         raw = explanation.raw[n, row]
-        files["map"] = write_map(out, stem, raw) if shards is None else shards.add(f"{key}#{target}", raw)
+        shard_key = f"{key}#{target}" if detection is None else f"{key}#det{detection}"
+        files["map"] = write_map(out, stem, raw) if shards is None else shards.add(shard_key, raw)
     for method in result.pixel_methods():  # Guided Backprop and Guided Grad-CAM when asked for
         picture_of = viz.guided_image(result.pictures(method)[n, row])
         files[method] = _save(out, f"{stem}_{method}.png", picture_of)
     return {**_locate(drawn, sample.frame_size), "files": files}
+
+
+def _value(result: Result, n: int, row: int) -> str:
+    """A row's probability as a percentage, or its score when the target has no probability."""
+    probability = float(result.probs[n, row])
+    return f"score {float(result.scores[n, row]):.3g}" if math.isnan(probability) else f"{probability:.1%}"
+
+
+def _marked(overlay: Image.Image, result: Result, n: int, row: int, sample: Sample, name: str) -> Image.Image:
+    """The overlay with the task's marks: a detection's box, label and score; a segmented class's
+    predicted mask outline."""
+    if result.boxes is not None and sample.frame_size is not None:
+        scale = overlay.width / sample.frame_size[0]
+        box = [float(v) * scale for v in result.boxes[n, row]]
+        return viz.draw_boxes(overlay, [box], [f"{name} {float(result.scores[n, row]):.2f}"])
+    if result.masks is not None:
+        mask = Image.fromarray(result.masks[n, row].numpy()).resize(overlay.size, Image.Resampling.NEAREST)
+        return viz.draw_mask_outline(overlay, np.asarray(mask, dtype=bool))
+    return overlay
+
+
+def _write_clip(job: Job, sample: Sample, stem: str, result: Result, n: int, row: int) -> dict:
+    """A clip's files: the animated overlay (GIF), the strip of its overlaid frames and the raw
+    (t, h, w) map; its ``peak`` is the frame and pixel of the map's maximum."""
+    from gradcam import video
+
+    out, files = job.out, {}
+    frames = [Image.fromarray(frame) for frame in sample.picture]
+    if result.explanation is None:
+        return {"files": files}
+    drawn = result.explanation.map_at(n, row, (len(frames), frames[0].height, frames[0].width))
+    overlays = [viz.overlay(frame, heat) for frame, heat in zip(frames, drawn, strict=True)]
+    video.save_animation(overlays, out / f"{stem}_overlay.gif")
+    files["overlay"] = f"{stem}_overlay.gif"
+    files["strip"] = _save(out, f"{stem}_strip.png", viz.frame_strip(overlays, columns=min(8, len(overlays))))
+    files["map"] = write_map(out, stem, result.explanation.raw[n, row])
+    width, height = sample.frame_size or (frames[0].width, frames[0].height)
+    t, y, x = (int(v) for v in np.unravel_index(int(drawn.argmax()), tuple(drawn.shape)))
+    sx, sy = width / frames[0].width, height / frames[0].height
+    peak = {"frame": t, "x": round((x + 0.5) * sx, 1), "y": round((y + 0.5) * sy, 1)}
+    return {"peak": peak, "size": [width, height], "frames": len(frames), "files": files}
 
 
 def _kind(job: Job) -> str:

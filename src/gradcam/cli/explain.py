@@ -13,7 +13,7 @@ from rich.table import Table
 from gradcam import models
 from gradcam.batch.core import Job
 from gradcam.batch.dataset import OVERLAY_SIZE
-from gradcam.batch.inputs import collect_images
+from gradcam.batch.inputs import collect_clips, collect_images
 from gradcam.batch.writer import MAP_FORMATS
 from gradcam.cli.common import (
     DeviceOption,
@@ -30,8 +30,9 @@ from gradcam.cli.common import (
 )
 from gradcam.cli.stream import ChunkProgress, stream, streams
 from gradcam.errors import GradCAMError
-from gradcam.layers import LayerInfo, choose_layer, list_layers
+from gradcam.layers import LayerInfo, backbone_stage, choose_layer, list_layers
 from gradcam.methods import registry
+from gradcam.models import torchvision_tasks
 from gradcam.pipeline import Explainer
 from gradcam.targets import parse_class
 
@@ -54,8 +55,19 @@ def explain(
         typer.Option(help="Layer to explain (default: automatic); repeat for a fused multi-layer map."),
     ] = None,
     layout: LayoutOption = None,
-    target: Annotated[list[str] | None, typer.Option(help="Class index or name; repeat for several.")] = None,
-    topk: Annotated[int, typer.Option(min=0, help="Explain each image's K best classes.")] = 0,
+    target: Annotated[
+        list[str] | None,
+        typer.Option(help="Class (a detector's label) index or name; repeat for several."),
+    ] = None,
+    topk: Annotated[
+        int,
+        typer.Option(
+            min=0, help="Each image's K best classes (a segmenter's largest, a detector's best detections)."
+        ),
+    ] = 0,
+    min_score: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="Detectors: explain the detections scoring at least this.")
+    ] = 0.5,
     counterfactual: Annotated[bool, typer.Option(help="Regions that speak against the class.")] = False,
     guided: Annotated[
         bool, typer.Option(help="Also write Guided Backprop and Guided Grad-CAM images.")
@@ -87,11 +99,17 @@ def explain(
     """Explain images: per image and class an overlay PNG, a panel PNG and the raw map (.npy), mirroring
     the input folders under --out, with manifest.jsonl (one line per image and class) and errors.jsonl.
 
+    Segmenters (deeplabv3_resnet50 ...) explain --target classes (default: the largest predicted one)
+    and outline the predicted mask; detectors (fasterrcnn_resnet50_fpn ...) explain each detection
+    scoring at least --min-score and draw its box; video models (r3d_18 ...) take video files or folders
+    of frames and write an animated overlay (GIF) and a frame strip.
+
     One engine for one image or a dataset: a rerun after an interruption finishes what is left, and a
     handful of image files (at most 16) also gets its results printed as a table (or --json)."""
     specs = [str(spec) for spec in images]
     try:
-        files = collect_images(specs)
+        video_model = models.task_of(model) == "video"
+        files = collect_clips(specs) if video_model else collect_images(specs)
     except GradCAMError as error:
         raise fail(str(error)) from None
     _check_run_options(files, engine, maps)
@@ -101,6 +119,8 @@ def explain(
         chunks = ChunkProgress() if registry.get(method).slow else None
         loaded = load_model(model, weights, labels, random_weights).to(torch_device)
         wanted = [parse_class(spec, loaded.labels) for spec in target or []]
+        if loaded.task == "detection":  # our own copy: its threshold may drop to --min-score
+            torchvision_tasks.set_score_threshold(loaded.module, min_score)
         chosen = layer[0] if layer and len(layer) == 1 else (layer or None)
         explainer = Explainer(
             loaded.module,
@@ -125,6 +145,7 @@ def explain(
         "layout": layout,
         "target": list(target or []),
         "topk": topk,
+        "min_score": min_score,
         "counterfactual": counterfactual,
         "guided": guided,
         "aug_smooth": aug_smooth,
@@ -133,7 +154,9 @@ def explain(
         "maps": maps,
         "overlay_size": overlay_size,
     }
-    job = Job(loaded, explainer, out, wanted, topk, maps, batch_size, workers, overlay_size, panels)
+    job = Job(
+        loaded, explainer, out, wanted, topk, maps, batch_size, workers, overlay_size, panels, min_score
+    )
     ray = {"address": ray_address, "device": device} if engine == "ray" else None
     handful = not streams(specs, files)
     stream(job, files, settings, overwrite, as_json, ray, handful=handful, chunks=chunks)
@@ -164,14 +187,19 @@ def layers_command(
     channels-last, tokens with prefix and patch grid); the automatic choice is marked."""
     try:
         loaded = load_model(model, weights, labels, random_weights)
-        dummy = torch.zeros(1, 3, *loaded.input_size)
+        if loaded.task == "detection":
+            stage = backbone_stage(loaded.module)
+            raise GradCAMError(
+                f"{loaded.name} is a detector: its layers are listed for tensor inputs only; "
+                f"its automatic layer is {stage}"
+            )
+        clip = (loaded.clip_length,) if loaded.clip_length else ()
+        dummy = torch.zeros(1, 3, *clip, *loaded.input_size)
         infos = list_layers(loaded.module, dummy)
-        chosen = choose_layer(infos)
+        chosen = backbone_stage(loaded.module) or choose_layer(infos)
     except GradCAMError as error:
         raise fail(str(error)) from None
-    table = Table(
-        title=f"{loaded.name}: layers in execution order (input 1x3x{dummy.shape[2]}x{dummy.shape[3]})"
-    )
+    table = Table(title=f"{loaded.name}: layers in execution order (input {'x'.join(map(str, dummy.shape))})")
     for column in ("#", "layer", "type", "output shape", "layout", "calls", "note"):
         table.add_column(column, overflow="fold")
     for number, info in enumerate(infos):

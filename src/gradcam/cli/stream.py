@@ -196,8 +196,9 @@ def _document(
 
 def _print_results(records: list[dict], document: dict, out: Path) -> None:
     for result in document["results"]:
-        top5 = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in result["predictions"])
-        stdout.print(f"{result['image']} top-5: {top5}", markup=False, highlight=False)
+        if result["predictions"]:  # a classifier's
+            top5 = ", ".join(f"{p['class']} {p['probability']:.1%}" for p in result["predictions"])
+            stdout.print(f"{result['image']} top-5: {top5}", markup=False, highlight=False)
     table = Table(title=escape(f"{document['method']} · {document['model']} · layer {document['layer']}"))
     table.add_column("image", overflow="fold")
     table.add_column("class", overflow="fold")
@@ -206,8 +207,26 @@ def _print_results(records: list[dict], document: dict, out: Path) -> None:
     for record in records:
         table.add_row(
             escape(Path(record["image"]).name),
-            escape(f"{record['class']} ({record['target']})"),
-            f"{record['probability']:.1%}",
+            escape(_what(record)),
+            _probability(record),
             escape("\n".join(record["files"].values())),
         )
     stdout.print(table)
+
+
+def _what(record: dict) -> str:
+    """The table's class cell: the class and index, a detection's box, a mask's share, or why none."""
+    if record.get("none"):
+        return record["none"]
+    text = f"{record['class']} ({record['target']})"
+    if record.get("detection"):
+        text += " box " + ",".join(f"{v:.0f}" for v in record["detection"]["box"])
+    if record.get("mask"):
+        text += f" mask {record['mask']['fraction']:.1%}"
+    return text
+
+
+def _probability(record: dict) -> str:
+    if record.get("probability") is not None:
+        return f"{record['probability']:.1%}"
+    return f"{record['score']:.3g}" if record.get("score") is not None else "-"

@@ -40,7 +40,7 @@ From the command line they are the methods ``rollout`` and ``chefer`` (``--metho
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -52,13 +52,13 @@ from gradcam.explanation import Explanation
 from gradcam.layouts import MAX_DERIVED_PREFIX, ModelFacts, model_facts
 from gradcam.methods.base import (
     CAM,
+    Chooser,
     LayersSpec,
     _check_device,
     _check_inputs,
     _check_not_inference,
     row_explanation,
 )
-from gradcam.targets import model_logits
 
 #: The readouts: the class token's row, the mean of the class and distillation rows, the patch rows' mean.
 CLASS_TOKEN = "class token"
@@ -161,7 +161,7 @@ class _AttentionMethod(CAM):
     def explain_rows(
         self,
         inputs: torch.Tensor,
-        choose: Callable[[torch.Tensor], torch.Tensor],
+        choose: Chooser,
         *,
         eigen_smooth: bool = False,
         aug_smooth: bool = False,
@@ -173,20 +173,18 @@ class _AttentionMethod(CAM):
         if aug_smooth:
             raise GradCAMError(f"aug_smooth is not available for {self.method}; explain the image as is")
         inputs = _check_inputs(inputs)
+        if not (isinstance(inputs, torch.Tensor) and inputs.dim() == 4):
+            raise GradCAMError(f"{self.method} explains a (B,C,H,W) batch of a vision transformer")
         _check_device(self.model, inputs)
         _check_not_inference(self.model)
         return [self._explain_attention(inputs, choose)]
 
-    def relevance(
-        self, maps: AttentionMaps, logits: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor
-    ) -> torch.Tensor:
-        """(n, B, N, N) token relevance for the n target rows of ``ids`` (N,B)."""
+    def relevance(self, maps: AttentionMaps, scores: torch.Tensor) -> torch.Tensor:
+        """(n, B, N, N) token relevance for the n target rows of ``scores`` (N,B)."""
         raise NotImplementedError
 
-    def _explain_attention(
-        self, inputs: torch.Tensor, choose: Callable[[torch.Tensor], torch.Tensor]
-    ) -> Explanation:
-        batch, size = inputs.shape[0], (inputs.shape[2], inputs.shape[3])
+    def _explain_attention(self, inputs: torch.Tensor, choose: Chooser) -> Explanation:
+        size = (inputs.shape[2], inputs.shape[3])
         rule = readout_rule(self.model)
         facts = model_facts(self.model)
         grid = facts.patch_grid(size)
@@ -200,13 +198,14 @@ class _AttentionMethod(CAM):
             # A copy: a model whose first operation is in place must not rewrite the caller's tensor.
             x = inputs.detach().clone()
             with capture_attention(self.model, graph=self.uses_gradients) as (maps, run):
-                logits = model_logits(run(x), batch)
-                ids = choose(logits.detach())  # (N, B)
-                scores = logits.gather(1, ids.T).T
+                output = run(x)
+                chosen = choose(output)
+                scores = chosen.scores(output)  # (N, B)
                 prefix, rows = _token_rows(rule, facts, grid, maps.probs[0].shape[-1])
-                relevance = self.relevance(maps, logits, ids, scores)
+                relevance = self.relevance(maps, scores)
                 raw = _read_out(relevance, prefix, rows, grid).float()
-        return row_explanation(raw, ids, scores, logits, maps.describe(), self.method, size)
+                scored = chosen.scored(output, scores)
+        return row_explanation(raw, scored, maps.describe(), self.method, size)
 
 
 class AttentionRollout(_AttentionMethod):
@@ -232,9 +231,7 @@ class AttentionRollout(_AttentionMethod):
     uses_gradients = False
     class_specific = False
 
-    def relevance(
-        self, maps: AttentionMaps, logits: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor
-    ) -> torch.Tensor:
+    def relevance(self, maps: AttentionMaps, scores: torch.Tensor) -> torch.Tensor:
         first = maps.probs[0]
         eye = _identity(first, [])
         rolled = _identity(first, [first.shape[0]])
@@ -242,7 +239,7 @@ class AttentionRollout(_AttentionMethod):
             mixed = 0.5 * probs.float().mean(dim=1) + 0.5 * eye
             mixed = mixed / mixed.sum(dim=-1, keepdim=True)
             rolled = mixed @ rolled
-        return rolled[None].expand(ids.shape[0], *rolled.shape)
+        return rolled[None].expand(scores.shape[0], *rolled.shape)
 
 
 class GenericAttention(_AttentionMethod):
@@ -270,14 +267,12 @@ class GenericAttention(_AttentionMethod):
     uses_gradients = True
     class_specific = True
 
-    def relevance(
-        self, maps: AttentionMaps, logits: torch.Tensor, ids: torch.Tensor, scores: torch.Tensor
-    ) -> torch.Tensor:
+    def relevance(self, maps: AttentionMaps, scores: torch.Tensor) -> torch.Tensor:
         # The CAM engine's chunked, batched backward, with the blocks' probabilities as the roots.
         first = maps.names[0] if maps.names else "attention"
         chunks = [
             self._relevance_rows(maps.probs, grads, rows.stop - rows.start)
-            for rows, grads in self._gradient_chunks(logits, ids, scores, maps.probs, first)
+            for rows, grads in self._gradient_chunks(scores, maps.probs, first)
         ]
         return torch.cat(chunks)
 

@@ -18,30 +18,67 @@ from torch import nn
 from gradcam import layers as _layers
 from gradcam import layouts
 from gradcam.attention import attention_modules, inside_attention
-from gradcam.capture import capture, eval_mode, resolve_module
+from gradcam.capture import capture, detector_canvas, eval_mode, resolve_module
 from gradcam.errors import GradCAMError
-from gradcam.explanation import Explanation, upsample
+from gradcam.explanation import Explanation, Placement, upsample
 from gradcam.layouts import Layout, LayoutSpec
 from gradcam.methods.pca import first_component
 from gradcam.targets import TargetSpec, model_logits, resolve
+from gradcam.targets.rows import ClassRows, Rows, Scored, TargetRows
 
 LayerSpec = str | nn.Module | None
 LayersSpec = LayerSpec | Sequence[str | nn.Module]
+#: What a model explains: a batch (B,C,H,W), a batch of clips (B,C,T,H,W), or a detector's list of
+#: (C,H,W) images of their own sizes.
+Inputs = torch.Tensor | Sequence[torch.Tensor]
+#: How the engine is told what to explain: the forward's output -> the (N,B) rows of targets.
+Chooser = Callable[[object], Rows]
+
+_SHAPES = "a float tensor (B,C,H,W) or (B,C,T,H,W), or a list of float (C,H,W) images (detectors)"
 
 
-def _check_inputs(inputs: object) -> torch.Tensor:
+def _check_inputs(inputs: object) -> Inputs:
+    if isinstance(inputs, (list, tuple)):
+        if not inputs:
+            raise GradCAMError("inputs must hold at least one image, got an empty list")
+        for index, image in enumerate(inputs):
+            if not isinstance(image, torch.Tensor) or image.dim() != 3 or not image.is_floating_point():
+                got = (
+                    f"shape {tuple(image.shape)} {image.dtype}"
+                    if isinstance(image, torch.Tensor)
+                    else type(image).__name__
+                )
+                raise GradCAMError(f"inputs[{index}] must be a float (C,H,W) image, got {got}")
+        return list(inputs)
     if not isinstance(inputs, torch.Tensor):
-        raise GradCAMError(f"inputs must be a float tensor (B,C,H,W), got {type(inputs).__name__}")
-    if inputs.dim() != 4:
-        raise GradCAMError(f"inputs must be a 4-D float tensor (B,C,H,W), got shape {tuple(inputs.shape)}")
+        raise GradCAMError(f"inputs must be {_SHAPES}, got {type(inputs).__name__}")
+    if inputs.dim() not in (4, 5):
+        raise GradCAMError(f"inputs must be {_SHAPES}, got shape {tuple(inputs.shape)}")
     if not inputs.dtype.is_floating_point:
-        raise GradCAMError(f"inputs must be a float tensor (B,C,H,W), got dtype {inputs.dtype}")
+        raise GradCAMError(f"inputs must be {_SHAPES}, got dtype {inputs.dtype}")
     if inputs.shape[0] == 0:
         raise GradCAMError("inputs must hold at least one image, got an empty batch")
     return inputs
 
 
-def _check_device(model: nn.Module, inputs: torch.Tensor) -> None:
+def _first(inputs: Inputs) -> torch.Tensor:
+    return inputs if isinstance(inputs, torch.Tensor) else inputs[0]
+
+
+def _copy(inputs: Inputs) -> Inputs:
+    """A copy: a model whose first operation is in place must not rewrite the caller's tensor."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.detach().clone()
+    return [image.detach().clone() for image in inputs]
+
+
+def _input_size(inputs: Inputs) -> tuple[int, ...] | None:
+    """(H, W) of a batch, (T, H, W) of clips, None for a list of images of their own sizes."""
+    return tuple(inputs.shape[2:]) if isinstance(inputs, torch.Tensor) else None
+
+
+def _check_device(model: nn.Module, inputs: Inputs) -> None:
+    inputs = _first(inputs)
     param = next(model.parameters(), None)
     if param is not None and param.device != inputs.device:
         raise GradCAMError(
@@ -65,13 +102,17 @@ class MapContext:
     layer's layout and its output as the layer produced it (methods that feed it back into the model)."""
 
     model: nn.Module
-    inputs: torch.Tensor
+    inputs: Inputs
     targets: torch.Tensor
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     layer: str
     module: nn.Module
     layout: Layout = field(default_factory=Layout.channels_first)
     output: torch.Tensor | None = None
+    #: the chosen targets: ``rows.image_scores(b, output)`` scores perturbed copies of image b
+    rows: Rows | None = None
+    #: (N,B) the rows' scores on the explained forward, detached
+    scores: torch.Tensor | None = None
 
 
 class CAM:
@@ -181,9 +222,16 @@ class CAM:
             )
         ]
 
-    def _resolved_layers(self, inputs: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    def _resolved_layers(self, inputs: Inputs) -> list[tuple[str, nn.Module]]:
         if self._layers != [None]:
             return self._layers  # type: ignore[return-value]
+        stage = _layers.backbone_stage(self.model)
+        if stage is not None:
+            return [resolve_module(self.model, stage)]
+        if not isinstance(inputs, torch.Tensor):
+            raise GradCAMError(
+                f"{type(self.model).__name__} has no detector backbone to take the layer from; pass layer="
+            )
         # The automatic choice costs one forward; it depends only on the architecture and the
         # per-image input shape, so it is remembered for inputs of the same shape.
         key = (tuple(inputs.shape[1:]), inputs.dtype, inputs.device)
@@ -194,18 +242,22 @@ class CAM:
 
     def __call__(
         self,
-        inputs: torch.Tensor,
-        targets: TargetSpec | str = None,
+        inputs: Inputs,
+        targets: TargetSpec | str | Callable | Sequence[Callable] = None,
         *,
         topk: int | None = None,
         eigen_smooth: bool = False,
         aug_smooth: bool = False,
     ) -> Explanation | list[Explanation]:
-        """Explain ``inputs`` (B,C,H,W).
+        """Explain ``inputs``: a batch (B,C,H,W), clips (B,C,T,H,W) (maps (B,t,h,w) on the layer's grid,
+        ``maps`` (B,T,H,W)) or a detector's list of (C,H,W) images (maps on each image's own pixels).
 
         Args:
             targets: None (each image's top-1 class), an int, B ints, ``"all"`` (every class: the
-                result has a leading dimension of N = classes) or an (N,B) integer tensor.
+                result has a leading dimension of N = classes) or an (N,B) integer tensor; or a target
+                function output -> (B,) scores (:mod:`gradcam.targets`: ``Segmentation``, ``Box``,
+                ``Similarity``, ``Sigmoid``, ``Regression``, any callable), a list of them (N = its
+                length), or a chooser of rows such as ``Detections(min_score=0.5)`` (N,B).
             topk: explain each image's k best classes instead (leading dimension N = k).
             eigen_smooth: replace the map by the first principal component of the weighted activations
                 (the per-channel terms whose sum is the map), as pytorch-grad-cam's option.
@@ -222,67 +274,69 @@ class CAM:
         All targets come from ONE forward pass; several targets per image are differentiated in chunks
         with one batched backward each (``torch.autograd.grad(..., is_grads_batched=True)``).
         """
-        single = not (isinstance(targets, str) or topk is not None or _is_2d(targets))
-        results = self.explain_rows(
-            inputs,
-            lambda logits: _target_rows(logits, targets, topk),
-            eigen_smooth=eigen_smooth,
-            aug_smooth=aug_smooth,
-        )
+        choose, single = _call_chooser(targets, topk, len(inputs))
+        results = self.explain_rows(inputs, choose, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth)
         if single:
             results = [_one_per_image(e) for e in results]
         return results if self._multi else results[0]
 
     def explain_rows(
         self,
-        inputs: torch.Tensor,
-        choose: Callable[[torch.Tensor], torch.Tensor],
+        inputs: Inputs,
+        choose: Chooser,
         *,
         eigen_smooth: bool = False,
         aug_smooth: bool = False,
     ) -> list[Explanation]:
-        """One (N,B) Explanation per layer of ``inputs`` (B,C,H,W), from one forward pass.
+        """One (N,B) Explanation per layer of ``inputs`` (see :meth:`__call__`), from one forward pass.
 
-        ``choose`` maps the model's logits (B, classes), detached, to the (N,B) long tensor of classes
-        to explain (row n: every image's n-th class); it is how :func:`gradcam.pipeline.explain` asks
-        for per-image classes in the same forward that predicts them.
+        ``choose`` maps the model's output to the (N,B) :class:`~gradcam.targets.rows.Rows` to explain
+        (row n: every image's n-th target); it is how :func:`gradcam.pipeline.explain` asks for
+        per-image classes (or detections) in the same forward that predicts them.
         """
         inputs = _check_inputs(inputs)
         _check_device(self.model, inputs)
         _check_not_inference(self.model)
         layers = self._resolved_layers(inputs)
         if aug_smooth:
+            if not (isinstance(inputs, torch.Tensor) and inputs.dim() == 4):
+                raise GradCAMError(
+                    "aug_smooth rescales and mirrors (B,C,H,W) images; explain these without it"
+                )
             return self._augmented(inputs, choose, eigen_smooth, layers)
         return self._explain(inputs, choose, eigen_smooth, layers)
 
     def _explain(
         self,
-        inputs: torch.Tensor,
-        choose: Callable[[torch.Tensor], torch.Tensor],
+        inputs: Inputs,
+        choose: Chooser,
         eigen_smooth: bool,
         layers: list[tuple[str, nn.Module]],
     ) -> list[Explanation]:
-        batch, size = inputs.shape[0], (inputs.shape[2], inputs.shape[3])
+        batch = len(inputs)
         with torch.inference_mode(False), eval_mode(self.model):
-            # A copy: a model whose first operation is in place must not rewrite the caller's tensor.
-            x = inputs.detach().clone()
-            with capture(self.model, layers) as (captured, run):
-                logits = model_logits(run(x), batch)
+            x = _copy(inputs)
+            with capture(self.model, layers) as (captured, run), detector_canvas(self.model, x) as placed:
+                output = run(x)
+                rows = choose(output)
+                placement = placed()
                 activations = captured.activations
-                found = self._layouts(layers, activations, size, batch)
-                ids = choose(logits.detach())  # (N, B)
-                scores = logits.gather(1, ids.T).T
-                raws = self._raw_maps(x, logits, ids, scores, activations, layers, found, eigen_smooth)
+                grid = placement.canvas if placement is not None else tuple(_first(x).shape[-2:])
+                found = self._layouts(layers, activations, grid, batch)
+                scores = rows.scores(output)  # (N, B), differentiable
+                raws = self._raw_maps(x, rows, output, scores, activations, layers, found, eigen_smooth)
+                scored = rows.scored(output, scores)
+        size = None if placement is not None else _input_size(inputs)
         return [
-            row_explanation(raw, ids, scores, logits, name, self.method, size)
-            for (name, _), raw in zip(layers, raws, strict=True)
+            row_explanation(layout.unfold(raw), scored, name, self.method, size, placement)
+            for (name, _), raw, layout in zip(layers, raws, found, strict=True)
         ]
 
     def _raw_maps(
         self,
-        x: torch.Tensor,
-        logits: torch.Tensor,
-        ids: torch.Tensor,
+        x: Inputs,
+        rows: Rows,
+        output: object,
         scores: torch.Tensor,
         activations: list[torch.Tensor],
         layers: list[tuple[str, nn.Module]],
@@ -294,13 +348,16 @@ class CAM:
         Gradients are taken with respect to each layer's output as the layer produced it, then read as
         feature maps by the same re-indexing as the activations (an exact layout change, no arithmetic).
         """
+        ids = rows.ids.to(activations[0].device)
+        logits = rows.logits(output)
+        logits = None if logits is None else logits.detach()
         contexts = [
-            MapContext(self.model, x, ids, logits.detach(), n, m, layout, a.detach())
+            MapContext(self.model, x, ids, logits, n, m, layout, a.detach(), rows, scores.detach())
             for (n, m), layout, a in zip(layers, found, activations, strict=True)
         ]
         detached = [layout.feature_map(a.detach()) for layout, a in zip(found, activations, strict=True)]
         per_layer: list[list[torch.Tensor]] = [[] for _ in layers]
-        for rows, grads in self._gradient_chunks(logits, ids, scores, activations, layers[0][0]):
+        for rows, grads in self._gradient_chunks(scores, activations, layers[0][0]):
             for index, (activation, grad, context) in enumerate(zip(detached, grads, contexts, strict=True)):
                 if self.uses_gradients and grad is None:
                     raise GradCAMError(_no_gradient(layers[index][0]))
@@ -336,14 +393,12 @@ class CAM:
         return torch.stack([one(None, row) for row in ids])
 
     def _gradient_chunks(
-        self,
-        logits: torch.Tensor,
-        ids: torch.Tensor,
-        scores: torch.Tensor,
-        activations: list[torch.Tensor],
-        first: str,
+        self, scores: torch.Tensor, activations: list[torch.Tensor], first: str
     ) -> Iterator[tuple[slice, Sequence[torch.Tensor | None]]]:
-        rows = ids.shape[0]
+        """d scores[n] / d activations for the (N,B) ``scores``, row by row in chunks: one batched
+        backward per chunk (each row's images are independent, so row n's gradient for image b is
+        d scores[n, b] / dA_b)."""
+        rows = scores.shape[0]
         if not self.uses_gradients:
             yield slice(0, rows), [None] * len(activations)
             return
@@ -353,24 +408,30 @@ class CAM:
             grads = torch.autograd.grad(scores.sum(), activations, allow_unused=True)
             yield slice(0, 1), [None if g is None else g[None] for g in grads]
             return
-        per_row = sum(a[0].numel() for a in activations) * ids.shape[1]
+        per_row = sum(a[0].numel() for a in activations) * scores.shape[1]
         chunk = max(1, GRADIENT_CHUNK_ELEMENTS // per_row)
         for start in range(0, rows, chunk):
-            part = ids[start : start + chunk]
-            selector = torch.zeros(len(part), *logits.shape, device=logits.device, dtype=logits.dtype)
-            selector.scatter_(2, part[:, :, None], 1.0)
-            yield slice(start, start + len(part)), _batched_grad(logits, activations, selector)
+            count = min(chunk, rows - start)
+            selector = torch.zeros(count, *scores.shape, device=scores.device, dtype=scores.dtype)
+            selector[torch.arange(count), torch.arange(start, start + count)] = 1.0
+            yield slice(start, start + count), _batched_grad(scores, activations, selector)
 
     def _augmented(
         self,
         inputs: torch.Tensor,
-        choose: Callable[[torch.Tensor], torch.Tensor],
+        choose: Chooser,
         eigen_smooth: bool,
         layers: list[tuple[str, nn.Module]],
     ) -> list[Explanation]:
-        original = self._explain(inputs, choose, eigen_smooth, layers)
-        # Every augmented pass explains the classes chosen on the original image.
-        fixed = original[0].targets.to(inputs.device)
+        chosen: list[Rows] = []
+
+        def remember(output: object) -> Rows:
+            chosen.append(choose(output))
+            return chosen[-1]
+
+        original = self._explain(inputs, remember, eigen_smooth, layers)
+        # Every augmented pass explains the targets chosen on the original image.
+        fixed = chosen[0]
         totals = [e.raw.clone() for e in original]
         passes = 1
         for flip in (False, True):
@@ -388,13 +449,13 @@ class CAM:
     def _explain_augmented(
         self,
         augmented: torch.Tensor,
-        fixed: torch.Tensor,
+        fixed: Rows,
         eigen_smooth: bool,
         layers: list[tuple[str, nn.Module]],
         scale: float,
     ) -> list[Explanation]:
         try:
-            return self._explain(augmented, lambda logits: fixed, eigen_smooth, layers)
+            return self._explain(augmented, lambda output: fixed, eigen_smooth, layers)
         except GradCAMError:
             raise
         except (AssertionError, RuntimeError, ValueError) as error:
@@ -410,26 +471,24 @@ class CAM:
 
 def row_explanation(
     raw: torch.Tensor,
-    ids: torch.Tensor,
-    scores: torch.Tensor,
-    logits: torch.Tensor,
+    scored: Scored,
     layer: str,
     method: str,
-    size: tuple[int, int],
+    size: tuple[int, ...] | None,
+    placement: Placement | None = None,
 ) -> Explanation:
-    """The (N,B) Explanation of raw maps (N,B,h,w) for classes ``ids`` (N,B) with their scores (N,B),
-    from the batch's ``logits``; everything detached, on the CPU, in float32."""
-    logits = logits.detach().float()
-    probs = torch.softmax(logits, dim=1).gather(1, ids.T).T
+    """The (N,B) Explanation of raw maps (N,B,h,w) for the rows ``scored`` on the explained forward;
+    everything detached, on the CPU, in float32."""
     return Explanation(
         raw=raw.detach().float().cpu(),
-        targets=ids.cpu(),
-        scores=scores.detach().float().cpu(),
-        probs=probs.cpu(),
+        targets=scored.ids,
+        scores=scored.scores,
+        probs=scored.probs,
         layer=layer,
         method=method,
-        logits=logits.cpu(),
+        logits=scored.logits,
         input_size=size,
+        placement=placement,
     )
 
 
@@ -466,6 +525,29 @@ def _is_2d(targets: object) -> bool:
     return isinstance(targets, torch.Tensor) and targets.dim() == 2
 
 
+def _is_function(targets: object) -> bool:
+    return callable(targets) and not isinstance(targets, (torch.Tensor, str))
+
+
+def _call_chooser(targets: object, topk: int | None, batch: int) -> tuple[Chooser, bool]:
+    """The chooser of a CAM call's ``targets``, and whether the result is one row per image (B,)."""
+    functions = isinstance(targets, (list, tuple)) and bool(targets) and all(map(_is_function, targets))
+    if _is_function(targets) or functions:
+        if topk is not None:
+            raise GradCAMError("topk chooses classes; give target functions or topk, not both")
+        if getattr(targets, "chooses_rows", False):  # Detections, SegmentedClasses
+            return targets, False  # type: ignore[return-value]
+        listed = list(targets) if functions else [targets]  # type: ignore[arg-type]
+        return (lambda output: TargetRows(listed, batch)), not functions
+    single = not (isinstance(targets, str) or topk is not None or _is_2d(targets))
+
+    def choose(output: object) -> Rows:
+        logits = model_logits(output, batch)
+        return ClassRows(_target_rows(logits.detach(), targets, topk), batch)
+
+    return choose, single
+
+
 def _target_rows(logits: torch.Tensor, targets: object, topk: int | None) -> torch.Tensor:
     """Targets as an (N, B) long tensor on the logits' device."""
     batch, classes = logits.shape
@@ -485,17 +567,17 @@ def _target_rows(logits: torch.Tensor, targets: object, topk: int | None) -> tor
 
 
 def _batched_grad(
-    logits: torch.Tensor, activations: list[torch.Tensor], selector: torch.Tensor
+    scores: torch.Tensor, activations: list[torch.Tensor], selector: torch.Tensor
 ) -> Sequence[torch.Tensor | None]:
-    """d(selected scores)/d(activations) for each row of ``selector`` (n, B, classes): one batched
-    backward (vmap over the head's backward), or row by row where an operation has no batching rule."""
+    """d(selected scores)/d(activations) for each row of ``selector`` (n, N, B): one batched backward
+    (vmap over the head's backward), or row by row where an operation has no batching rule."""
     try:
         return torch.autograd.grad(
-            logits, activations, selector, retain_graph=True, is_grads_batched=True, allow_unused=True
+            scores, activations, selector, retain_graph=True, is_grads_batched=True, allow_unused=True
         )
     except RuntimeError:
         rows = [
-            torch.autograd.grad(logits, activations, row, retain_graph=True, allow_unused=True)
+            torch.autograd.grad(scores, activations, row, retain_graph=True, allow_unused=True)
             for row in selector
         ]
         return [None if r[0] is None else torch.stack(r) for r in zip(*rows, strict=True)]

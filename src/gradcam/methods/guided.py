@@ -20,9 +20,10 @@ from torch.overrides import TorchFunctionMode
 from gradcam.capture import eval_mode
 from gradcam.errors import GradCAMError
 from gradcam.layouts import LayoutSpec
-from gradcam.methods.base import LayerSpec, _check_device, _check_inputs, _check_not_inference
+from gradcam.methods.base import Chooser, LayerSpec, _check_device, _check_inputs, _check_not_inference
 from gradcam.methods.gradient import GradCAM
 from gradcam.targets import TargetSpec, model_logits, resolve
+from gradcam.targets.rows import ClassRows, Scored
 
 # A clipped ReLU read from a call's arguments: (input, upper bound or None, in place?), or None when the
 # call is not a ReLU (a hardtanh whose lower bound is not 0).
@@ -162,19 +163,28 @@ class GuidedBackprop:
 
     def _explain(self, inputs: torch.Tensor, targets: TargetSpec) -> tuple[torch.Tensor, torch.Tensor]:
         """Guided gradients (CPU) and the resolved class ids (B,)."""
-        _, ids, grads = self.explain_rows(inputs, lambda logits: resolve(logits, targets)[None])
-        return grads[0], ids[0]
+        batch = len(inputs) if isinstance(inputs, torch.Tensor) else 0
 
-    def explain_rows(
-        self, inputs: torch.Tensor, choose: Callable[[torch.Tensor], torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits (B, classes), ids (N,B), guided gradients (N,B,C,H,W)) from ONE guided forward.
+        def choose(output: object) -> ClassRows:
+            logits = model_logits(output, batch)
+            return ClassRows(resolve(logits.detach(), targets)[None], batch)
 
-        ``choose`` maps the detached logits to the (N,B) classes to explain, as for
+        scored, grads = self.explain_rows(inputs, choose)
+        return grads[0], scored.ids[0]
+
+    def explain_rows(self, inputs: torch.Tensor, choose: Chooser) -> tuple[Scored, torch.Tensor]:
+        """(the rows' :class:`~gradcam.targets.rows.Scored`, guided gradients (N,B,C,H,W)) from ONE guided
+        forward.
+
+        ``choose`` maps the model's output to the (N,B) rows to explain, as for
         :meth:`gradcam.methods.CAM.explain_rows`; the N rows are differentiated by one batched backward
         (row by row where an operation has no batching rule). Tensors come back detached, on the CPU.
         """
         inputs = _check_inputs(inputs)
+        if not isinstance(inputs, torch.Tensor):
+            raise GradCAMError(
+                "guided backpropagation differentiates a batch tensor; a list of images has none"
+            )
         _check_device(self.model, inputs)
         _check_not_inference(self.model)
         _check_no_script(self.model)
@@ -182,37 +192,40 @@ class GuidedBackprop:
             x = inputs.detach().clone().requires_grad_(True)
             with _GuidedReLUs():
                 # A clone, not the leaf: the model may rewrite its input in place (a leading in-place ReLU).
-                logits = model_logits(self.model(x.clone()), inputs.shape[0])
-            ids = choose(logits.detach())
-            scores = logits.gather(1, ids.T).T
+                output = self.model(x.clone())
+            rows = choose(output)
+            scores = rows.scores(output)
             if not scores.requires_grad:
                 raise GradCAMError(
                     "no gradient reaches the input from the model output "
                     "(does the model run under torch.no_grad() or detach its input?)"
                 )
-            grads = _row_gradients(logits, x, ids)
-        return logits.detach().cpu(), ids.cpu(), grads.detach().cpu()
+            grads = _row_gradients(scores, x)
+            scored = rows.scored(output, scores)
+        return scored, grads.detach().cpu()
 
 
-def _row_gradients(logits: torch.Tensor, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """(N,B,C,H,W) d(logits[b, ids[n, b]])/dx for every row n."""
-    if ids.shape[0] == 1:
-        (grads,) = torch.autograd.grad(logits.gather(1, ids.T).sum(), x)
+def _row_gradients(scores: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(N,B,C,H,W) d scores[n, b] / dx_b for every row n of the (N,B) ``scores``."""
+    rows = scores.shape[0]
+    if rows == 1:
+        (grads,) = torch.autograd.grad(scores.sum(), x)
         return grads[None]
-    selector = torch.zeros(ids.shape[0], *logits.shape, device=logits.device, dtype=logits.dtype)
-    selector.scatter_(2, ids[:, :, None], 1.0)
+    selector = torch.zeros(rows, *scores.shape, device=scores.device, dtype=scores.dtype)
+    selector[torch.arange(rows), torch.arange(rows)] = 1.0
     try:
-        (grads,) = torch.autograd.grad(logits, x, selector, retain_graph=True, is_grads_batched=True)
+        (grads,) = torch.autograd.grad(scores, x, selector, retain_graph=True, is_grads_batched=True)
         return grads
     except RuntimeError:  # an operation without a batching rule: one backward per row
-        return torch.stack([torch.autograd.grad(logits, x, row, retain_graph=True)[0] for row in selector])
+        return torch.stack([torch.autograd.grad(scores, x, row, retain_graph=True)[0] for row in selector])
 
 
-def guided_gradcam(guided: torch.Tensor, maps: torch.Tensor) -> torch.Tensor:
+def guided_gradcam(guided: torch.Tensor, maps: torch.Tensor, dims: int = 2) -> torch.Tensor:
     """Guided Grad-CAM: guided gradients (..., C, H, W) times the normalised Grad-CAM maps (..., H, W)
-    at the input's size, broadcast over the channels (Selvaraju et al., ICCV 2017, section 3.1). The one
-    place the product is computed."""
-    return guided * maps[..., None, :, :].to(guided.dtype)
+    at the input's size, broadcast over the channels (Selvaraju et al., ICCV 2017, section 3.1); for
+    clips (``dims=3``) gradients (..., C, T, H, W) and maps (..., T, H, W). The one place the product is
+    computed."""
+    return guided * maps.unsqueeze(-dims - 1).to(guided.dtype)
 
 
 class GuidedGradCAM:

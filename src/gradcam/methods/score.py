@@ -29,13 +29,12 @@ from torch.nn.modules import module as torch_module
 from gradcam.errors import GradCAMError
 from gradcam.layouts import LayoutSpec
 from gradcam.methods.base import CAM, LayersSpec, MapContext
-from gradcam.targets import model_logits
 
 #: Called with (chunks done, chunks in all) as a call proceeds.
 Progress = Callable[[int, int], None]
 
-# Runs the model (or its tail) for image ``index`` on n perturbed versions: returns logits (n, classes).
-Scorer = Callable[[int, torch.Tensor], torch.Tensor]
+# Runs the model (or its tail) for image ``index`` on n perturbed versions: returns the model's output.
+Scorer = Callable[[int, torch.Tensor], object]
 
 
 class _ChunkedCAM(CAM):
@@ -82,6 +81,11 @@ class _ChunkedCAM(CAM):
         return self._weights(activations, context)[..., None, None] * activations
 
     def _weights(self, activations: torch.Tensor, context: MapContext) -> torch.Tensor:
+        if not isinstance(context.inputs, torch.Tensor):
+            raise GradCAMError(
+                f"{self.method} perturbs a (B,C,H,W) batch image by image; a detector's list of images "
+                "is explained by the gradient methods or Eigen-CAM"
+            )
         with torch.inference_mode():
             weights = self.scored_weights(activations, context)
         return weights.clone()  # a normal tensor again, usable outside inference mode
@@ -140,11 +144,11 @@ class ScoreCAM(_ChunkedCAM):
         alpha_k^c = C(A^k) = f^c(X o H^k) - f^c(X_b)   Definition 2, "channel-wise increase of confidence"
         L^c       = ReLU( sum_k alpha_k^c A^k )
 
-    with o the element-wise product over pixels, f^c the softmax probability of class c and the
-    baseline X_b the zero input (for a normalised model input: the mean image). A channel that is
-    constant over the layer's positions has no spatial information: its mask is zero, X o H^k = X_b and
-    alpha_k^c = 0 exactly, so its forward is skipped. The K masked inputs of an image are scored in
-    chunks of ``batch_size`` under ``torch.inference_mode()``.
+    with o the element-wise product over pixels, f^c the softmax probability of class c (a target
+    function's own score) and the baseline X_b the zero input (for a normalised model input: the mean
+    image). A channel that is constant over the layer's positions has no spatial information: its mask
+    is zero, X o H^k = X_b and alpha_k^c = 0 exactly, so its forward is skipped. The K masked inputs of
+    an image are scored in chunks of ``batch_size`` under ``torch.inference_mode()``.
 
     Other implementations differ: pytorch-grad-cam (``score_cam.py``) takes the target's *logit* on each
     masked input, subtracts no baseline and applies a softmax across the K channels of an image (so its
@@ -166,19 +170,23 @@ class ScoreCAM(_ChunkedCAM):
     method = "scorecam"
 
     def scored_weights(self, activations: torch.Tensor, context: MapContext) -> torch.Tensor:
-        model, x, targets = context.model, context.inputs, context.targets  # targets (n, B)
+        model, x, rows = context.model, context.inputs, context.rows
+        assert isinstance(x, torch.Tensor) and rows is not None
+        if x.dim() != 4:
+            raise GradCAMError(
+                f"{self.method} masks (B,C,H,W) images; for clips use Grad-CAM or Ablation-CAM"
+            )
         size = (x.shape[2], x.shape[3])
-        baseline = torch.softmax(model_logits(model(torch.zeros_like(x[:1]))), dim=1)[0]
-        weights = activations.new_zeros(targets.shape[0], *activations.shape[:2])
+        baseline = model(torch.zeros_like(x[:1]))
+        weights = activations.new_zeros(context.targets.shape[0], *activations.shape[:2])
         chunks = self._chunks(_non_constant(activations))
         advance = self._advance(sum(map(len, chunks)))
         for index, image_chunks in enumerate(chunks):
-            wanted = targets[:, index]  # (n,) classes of this image
+            base = rows.image_scores(index, baseline, probability=True)  # (1, n)
             for channels in image_chunks:
                 masks = _normalised_masks(activations[index, channels], size).to(x.dtype)
-                probs = torch.softmax(model_logits(model(x[index : index + 1] * masks)), dim=1)
-                gain = probs[:, wanted] - baseline[wanted]  # (chunk, n)
-                weights[:, index, channels] = gain.T.to(weights.dtype)
+                masked = rows.image_scores(index, model(x[index : index + 1] * masks), probability=True)
+                weights[:, index, channels] = (masked - base).T.to(weights.dtype)  # (n, chunk)
                 advance()
         return weights
 
@@ -227,32 +235,30 @@ class AblationCAM(_ChunkedCAM):
     _use_tail = True  # False: always re-run the whole model (the fallback; for tests and benchmarks)
 
     def scored_weights(self, activations: torch.Tensor, context: MapContext) -> torch.Tensor:
-        targets = context.targets  # (n, B)
-        weights = activations.new_zeros(targets.shape[0], *activations.shape[:2])
+        rows = context.rows
+        assert rows is not None
+        weights = activations.new_zeros(context.targets.shape[0], *activations.shape[:2])
         live = [row.nonzero()[:, 0] for row in activations.flatten(2).ne(0).any(dim=2)]
         chunks = self._chunks(live)
         own = context.output if context.output is not None else activations  # the layer's own layout
-        with self._scorer(own, context) as (logits, score):
-            y = logits.gather(1, targets.T).T  # (n, B)
+        with self._scorer(own, context) as (output, score):
+            y = rows.scores(output)  # (n, B)
             denominator = y.abs().clamp_min(torch.finfo(y.dtype).eps)
             advance = self._advance(sum(map(len, chunks)))
             for index, image_chunks in enumerate(chunks):
-                wanted = targets[:, index]
                 for channels in image_chunks:
-                    ablated = activations[index].expand(len(channels), -1, -1, -1).clone()
+                    ablated = activations[index].expand(len(channels), *activations.shape[1:]).clone()
                     ablated[torch.arange(len(channels), device=channels.device), channels] = 0
                     ablated = context.layout.layer_output(ablated, like=own[index : index + 1])
-                    ablated_scores = score(index, ablated)[:, wanted].T  # (n, chunk)
+                    ablated_scores = rows.image_scores(index, score(index, ablated)).T  # (n, chunk)
                     slope = (y[:, index, None] - ablated_scores) / denominator[:, index, None]
                     weights[:, index, channels] = slope.to(weights.dtype)
                     advance()
         return weights
 
     @contextmanager
-    def _scorer(
-        self, activations: torch.Tensor, context: MapContext
-    ) -> Iterator[tuple[torch.Tensor, Scorer]]:
-        """Yield (logits of the batch, scorer of ablated activations): the fx tail, else the whole model."""
+    def _scorer(self, activations: torch.Tensor, context: MapContext) -> Iterator[tuple[object, Scorer]]:
+        """Yield (output of the batch, scorer of ablated activations): the fx tail, else the whole model."""
         tail = None
         if self._use_tail:
             try:
@@ -260,14 +266,14 @@ class AblationCAM(_ChunkedCAM):
             except Exception:  # untraceable, uncuttable or failing its check: re-run the whole model
                 tail = None
         if tail is not None:
-            yield tail.logits, tail
+            yield tail.output, tail
             return
         with _rerun_whole_model(context) as scored:
             yield scored
 
 
 @contextmanager
-def _rerun_whole_model(context: MapContext) -> Iterator[tuple[torch.Tensor, Scorer]]:
+def _rerun_whole_model(context: MapContext) -> Iterator[tuple[object, Scorer]]:
     """The fallback: whole forwards of n copies of the image, the layer's output replaced by the ablated
     batch through a forward hook that exists only inside the ``with`` block."""
     model, module, x = context.model, context.module, context.inputs
@@ -282,16 +288,16 @@ def _rerun_whole_model(context: MapContext) -> Iterator[tuple[torch.Tensor, Scor
             raise GradCAMError(f"layer '{context.layer}' returned {got}; expected {tuple(ablated.shape)}")
         return ablated
 
-    def score(index: int, ablated: torch.Tensor) -> torch.Tensor:
+    def score(index: int, ablated: torch.Tensor) -> object:
         pending[:] = [ablated]
         try:
-            return model_logits(model(x[index : index + 1].expand(len(ablated), -1, -1, -1).clone()))
+            return model(x[index : index + 1].expand(len(ablated), *x.shape[1:]).clone())
         finally:
             pending.clear()
 
     handle = module.register_forward_hook(replace)
     try:
-        yield model_logits(model(x)), score
+        yield model(x), score
     finally:
         handle.remove()
 
@@ -325,20 +331,20 @@ class _Tracer(fx.Tracer):
 
 @dataclass
 class _Tail:
-    """The network after the layer: ``tail(index, ablated)`` are the logits of image ``index``'s ablations."""
+    """The network after the layer: ``tail(index, ablated)`` is the output for image ``index``'s ablations."""
 
-    module: fx.GraphModule  # (activation, *externals) -> logits
+    module: fx.GraphModule  # (activation, *externals) -> the model's output
     externals: list[object]  # values from before the layer that the tail reads, from the batch's forward
     batched: list[bool]  # which of them derive from the input (one row per image)
-    logits: torch.Tensor  # the tail's output on the batch's own activation
+    output: object  # the tail's output on the batch's own activation
 
-    def __call__(self, index: int, ablated: torch.Tensor) -> torch.Tensor:
+    def __call__(self, index: int, ablated: torch.Tensor) -> object:
         count = ablated.shape[0]
         values = [
             value[index : index + 1].expand(count, *value.shape[1:]).clone() if batched else value
             for value, batched in zip(self.externals, self.batched, strict=True)
         ]
-        return model_logits(self.module(ablated, *values))
+        return self.module(ablated, *values)
 
 
 def _parents(model: nn.Module, name: str) -> list[nn.Module]:
@@ -386,16 +392,17 @@ def _cut_after(context: MapContext, activations: torch.Tensor) -> _Tail:
         env[node] = tail_graph.node_copy(node, env.__getitem__)
     tail = fx.GraphModule(root, tail_graph)
 
-    # The cut must reproduce the model: from the layer's activation, the tail gives the model's logits.
+    # The cut must reproduce the model: from the layer's activation, the tail gives the rows' scores.
     # The tail may update a per-image value in place (each chunk gets its own copy), not a shared one.
     checked = [_snapshot(value) for value in values]
-    logits = model_logits(tail(activations.clone(), *checked))
+    output = tail(activations.clone(), *checked)
     for node, value, after, per_image in zip(externals, values, checked, batched, strict=True):
         if not per_image and isinstance(value, torch.Tensor) and not torch.equal(value, after):
             raise _Unsplittable(f"the tail modifies '{node.name}' in place")
-    if not _close(logits, context.logits):
-        raise _Unsplittable("the tail does not reproduce the model's logits from the layer's activation")
-    return _Tail(tail, values, batched, logits)
+    assert context.rows is not None and context.scores is not None
+    if not _close(context.rows.scores(output), context.scores):
+        raise _Unsplittable("the tail does not reproduce the model's scores from the layer's activation")
+    return _Tail(tail, values, batched, output)
 
 
 def _trace_to_layer(context: MapContext) -> tuple[_Root, fx.Graph, fx.Node]:

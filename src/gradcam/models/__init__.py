@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from gradcam.errors import GradCAMError
-from gradcam.models import efficientnet_lite, torchvision_zoo
-from gradcam.models.base import LoadedModel, Preprocess, model_device
+from gradcam.models import efficientnet_lite, torchvision_tasks, torchvision_zoo
+from gradcam.models.base import TASKS, LoadedModel, Preprocess, model_device
 
 DEFAULT = "efficientnet-lite0"
 ZOO_EXTRA = "pip install 'gradcam[zoo]'"
@@ -56,12 +56,15 @@ def available() -> list[ModelEntry]:
     for name in torchvision_zoo.names():
         ok = torchvision_zoo.weights_path(name).is_file()
         entries.append(ModelEntry(name, "torchvision (torch hub cache)", ok))
+    for name, task in torchvision_tasks.names().items():
+        ok = torchvision_zoo.weights_path(name).is_file()
+        entries.append(ModelEntry(name, f"torchvision {task} (torch hub cache)", ok))
     return entries
 
 
 def names() -> list[str]:
     """The plain names accepted by :func:`load` (``timm:<name>`` and ``hf:<folder|repo id>`` are too)."""
-    return list(efficientnet_lite.VARIANTS) + torchvision_zoo.names()
+    return list(efficientnet_lite.VARIANTS) + torchvision_zoo.names() + list(torchvision_tasks.names())
 
 
 def zoo_installed() -> bool:
@@ -111,6 +114,11 @@ def _not_found(name: str) -> GradCAMError:
     )
 
 
+def task_of(name: str) -> str:
+    """The task of model ``name`` (one of :data:`TASKS`) from its name alone, nothing loaded."""
+    return torchvision_tasks.names().get(name, "classification")
+
+
 def check(name: str) -> str:
     """``name`` when :func:`load` accepts it, else a one-line GradCAMError (which starts with
     ``model '<name>'``): an unknown plain name, a malformed or unknown ``timm:``/``hf:`` name, or a missing
@@ -156,6 +164,8 @@ def load(
         loaded = efficientnet_lite.load(name, pretrained=pretrained, weights=weights, labels=labels)
     elif name in torchvision_zoo.names():
         loaded = torchvision_zoo.load(name, pretrained=pretrained, weights=weights, labels=labels)
+    elif name in torchvision_tasks.names():
+        loaded = torchvision_tasks.load(name, pretrained=pretrained, weights=weights, labels=labels)
     else:
         raise _not_found(name)
     return loaded.to(device) if device is not None else loaded
@@ -163,6 +173,7 @@ def load(
 
 __all__ = [
     "DEFAULT",
+    "TASKS",
     "ZOO_EXTRA",
     "LoadedModel",
     "ModelEntry",
@@ -172,6 +183,7 @@ __all__ = [
     "load",
     "model_device",
     "names",
+    "task_of",
     "zoo_installed",
     "zoo_note",
 ]

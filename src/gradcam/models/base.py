@@ -27,18 +27,21 @@ class Preprocess:
     a map must be laid over. ``__call__`` adds conversion to float and normalisation.
     """
 
-    resize: int | tuple[int, int]
+    resize: int | tuple[int, int] | None
     crop: int | tuple[int, int] | None
     mean: Sequence[float]
     std: Sequence[float]
     interpolation: InterpolationMode = InterpolationMode.BILINEAR
 
     def view(self, image: Image.Image) -> Image.Image:
-        """The resized (and cropped) RGB picture the model sees, as a PIL image."""
-        steps: list[T.Transform] = [T.Resize(self.resize, interpolation=self.interpolation)]
+        """The resized (and cropped) RGB picture the model sees, as a PIL image (a detector's
+        preprocessing resizes nothing: the detector resizes inside)."""
+        steps: list[T.Transform] = []
+        if self.resize is not None:
+            steps.append(T.Resize(self.resize, interpolation=self.interpolation))
         if self.crop is not None:
             steps.append(T.CenterCrop(self.crop))
-        return T.Compose(steps)(image.convert("RGB"))
+        return T.Compose(steps)(image.convert("RGB")) if steps else image.convert("RGB")
 
     def frame(self, image: Image.Image) -> Image.Image:
         """The picture a map registers with: the whole original when nothing is cropped (the map is
@@ -77,19 +80,31 @@ class Preprocess:
 
     @property
     def size(self) -> tuple[int, int]:
-        """(H, W) of the tensors it produces."""
+        """(H, W) of the tensors it produces; for a shorter-side resize without a crop (segmenters) a
+        square of that side, for a detector's (no resize) 224x224: a representative input."""
         final = self.crop if self.crop is not None else self.resize
+        if final is None:
+            return (224, 224)
         return (final, final) if isinstance(final, int) else (final[0], final[1])
+
+
+#: What a loaded model does; how its inputs are read and what its targets are.
+TASKS = ("classification", "segmentation", "detection", "video")
 
 
 @dataclass
 class LoadedModel:
-    """A classifier ready to explain: ``module`` is in eval mode."""
+    """A model ready to explain: ``module`` is in eval mode. ``task`` is one of :data:`TASKS`: a
+    classifier's inputs are (B,C,H,W) batches, a segmenter's too (shorter side resized, not cropped), a
+    detector's a list of images of their own sizes, a video model's clips of ``clip_length`` frames
+    preprocessed frame by frame (B,C,T,H,W)."""
 
     name: str
     module: nn.Module
     preprocess: Preprocess
     labels: list[str]
+    task: str = "classification"
+    clip_length: int | None = None
 
     @property
     def input_size(self) -> tuple[int, int]:

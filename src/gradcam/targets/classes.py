@@ -1,4 +1,4 @@
-"""Turning a caller's target specification into one class index per image."""
+"""Class targets of classifiers: the logits in a model's output, class indices per image, class names."""
 
 from __future__ import annotations
 
@@ -34,8 +34,9 @@ def model_logits(output: object, batch: int | None = None) -> torch.Tensor:
     if not isinstance(found, torch.Tensor):
         keys = f" with keys {', '.join(map(str, list(output)[:5]))}" if isinstance(output, Mapping) else ""
         raise GradCAMError(
-            f"model returned {type(output).__name__}{keys}; expected logits (B, classes): a tensor, a "
-            "mapping or object with 'logits', or a tuple whose first element is the logits"
+            f"model returned {type(output).__name__}{keys}; expected logits (B, classes) (a tensor, a "
+            "mapping or object with 'logits', or a tuple of them first), or give a target function "
+            "(gradcam.targets: Segmentation, Box, Detections, Similarity, Regression)"
         )
     expected = f"({batch}, classes)" if batch is not None else "(B, classes)"
     if found.dim() != 2 or (batch is not None and found.shape[0] != batch):
