@@ -170,3 +170,38 @@ def test_missing_ray_gives_one_clear_line(job_factory, monkeypatch, tmp_path: Pa
     with pytest.raises(GradCAMError) as caught:
         _run(run_ray, job_factory(tmp_path), [EXAMPLES / "cat.png"])
     assert str(caught.value) == MISSING_RAY == "the ray engine needs Ray: pip install 'gradcam[ray]'"
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("fasterrcnn_mobilenet_v3_large_320_fpn", {"min_score": 0.0, "topk": 2}),
+        ("lraspp_mobilenet_v3_large", {}),
+    ],
+)
+def test_task_models_write_what_the_local_engine_writes(ray_instance, tmp_path: Path, name, options) -> None:
+    """A detector's list of images of their own sizes and a segmenter's unequal sizes travel through Ray
+    Data as objects; both engines write the same task fields and maps."""
+    from gradcam.models import torchvision_tasks
+
+    loaded = models.load(name, pretrained=False)
+    torchvision_tasks.set_score_threshold(loaded.module, 0.0)
+    explainer = Explainer(loaded.module, "gradcam")
+    files = [EXAMPLES / "cat.png", EXAMPLES / "coffee.png"]
+    outs = {}
+    for engine in (run_local, run_ray):
+        out = tmp_path / engine.__name__
+        out.mkdir()
+        job = Job(loaded, explainer, out, batch_size=2, workers=0, **options)
+        summary, _, errors = _run(engine, job, files)
+        assert errors == [] and summary.images == 2
+        outs[engine.__name__] = out
+    local, remote = (_manifest(outs[k]) for k in ("run_local", "run_ray"))
+    assert len(local) == (4 if "detection" in local[0]["task"] else 2) and len(remote) == len(local)
+    for mine, theirs in zip(remote, local, strict=True):
+        exact = ("key", "target", "class", "task", "detection", "mask", "size", "files")
+        assert {k: mine.get(k) for k in exact} == {k: theirs.get(k) for k in exact}
+        ours = np.load(outs["run_ray"] / mine["files"]["map"])
+        np.testing.assert_allclose(
+            ours, np.load(outs["run_local"] / theirs["files"]["map"]), rtol=1e-4, atol=1e-7
+        )

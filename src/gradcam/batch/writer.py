@@ -21,6 +21,7 @@ from gradcam.outputs import slug
 if TYPE_CHECKING:
     from gradcam.batch.core import Job
     from gradcam.batch.dataset import Sample
+    from gradcam.explanation import Explanation
     from gradcam.pipeline import Result
 
 MAP_FORMATS = ("npy", "npz")
@@ -82,13 +83,27 @@ def write_target(
             pictures["panel"] = viz.compose_panel(picture, heat, overlay, title)
         for kind, image in pictures.items():
             files[kind] = _save(out, f"{stem}_{kind}.png", image)
-        raw = explanation.raw[n, row]
+        raw = _own_cells(explanation, n, row)
         shard_key = f"{key}#{target}" if detection is None else f"{key}#det{detection}"
         files["map"] = write_map(out, stem, raw) if shards is None else shards.add(shard_key, raw)
     for method in result.pixel_methods():  # Guided Backprop and Guided Grad-CAM when asked for
         picture_of = viz.guided_image(result.pictures(method)[n, row])
         files[method] = _save(out, f"{stem}_{method}.png", picture_of)
     return {**_locate(drawn, sample.frame_size), "files": files}
+
+
+def _own_cells(explanation: Explanation, n: int, row: int) -> torch.Tensor:
+    """The raw map of class n of image ``row``; for a detector's image, only the grid cells that cover
+    the image on the padded canvas (ceil(h * h_b / H_c) x ceil(w * w_b / W_c)), so that the saved map does
+    not depend on which images shared its batch."""
+    raw = explanation.raw[n, row]
+    placement = explanation.placement
+    if placement is None:
+        return raw
+    (height, width), (placed_h, placed_w) = placement.canvas, placement.placed[row]
+    rows = math.ceil(raw.shape[-2] * placed_h / height)
+    cols = math.ceil(raw.shape[-1] * placed_w / width)
+    return raw[..., :rows, :cols]
 
 
 def _value(result: Result, n: int, row: int) -> str:

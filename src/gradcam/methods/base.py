@@ -357,7 +357,8 @@ class CAM:
         ]
         detached = [layout.feature_map(a.detach()) for layout, a in zip(found, activations, strict=True)]
         per_layer: list[list[torch.Tensor]] = [[] for _ in layers]
-        for rows, grads in self._gradient_chunks(scores, activations, layers[0][0]):
+        nothing = not any(rows.wanted)  # a detector found nothing to explain in any image: zero maps
+        for rows, grads in self._gradient_chunks(scores, activations, layers[0][0], nothing):
             for index, (activation, grad, context) in enumerate(zip(detached, grads, contexts, strict=True)):
                 if self.uses_gradients and grad is None:
                     raise GradCAMError(_no_gradient(layers[index][0]))
@@ -393,14 +394,17 @@ class CAM:
         return torch.stack([one(None, row) for row in ids])
 
     def _gradient_chunks(
-        self, scores: torch.Tensor, activations: list[torch.Tensor], first: str
+        self, scores: torch.Tensor, activations: list[torch.Tensor], first: str, nothing: bool = False
     ) -> Iterator[tuple[slice, Sequence[torch.Tensor | None]]]:
         """d scores[n] / d activations for the (N,B) ``scores``, row by row in chunks: one batched
         backward per chunk (each row's images are independent, so row n's gradient for image b is
-        d scores[n, b] / dA_b)."""
+        d scores[n, b] / dA_b). ``nothing``: no row is any image's own, the gradients are zero."""
         rows = scores.shape[0]
         if not self.uses_gradients:
             yield slice(0, rows), [None] * len(activations)
+            return
+        if nothing:
+            yield slice(0, rows), [torch.zeros_like(a).expand(rows, *a.shape) for a in activations]
             return
         if not scores.requires_grad:
             raise GradCAMError(_no_gradient(first))

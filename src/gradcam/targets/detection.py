@@ -72,7 +72,7 @@ class Box:
         best = int(overlap.argmax()) if len(overlap) else -1
         if best < 0 or overlap[best] < self.iou:
             if not self.required:
-                return found["scores"].new_zeros(())
+                return found["scores"].sum() * 0  # on the graph: a zero gradient, not none
             raise self._none(b, label, box, overlap, found)
         return found["scores"][best]
 
@@ -144,7 +144,7 @@ class Detections:
             if self.labels is not None:
                 keep &= torch.isin(found["labels"], torch.as_tensor(list(self.labels), device=keep.device))
             index = keep.nonzero()[:, 0]
-            index = index[found["scores"].detach()[index].argsort(descending=True)]
+            index = index[found["scores"].detach()[index].argsort(descending=True, stable=True)]
             picked.append(index[: self.topk] if self.topk is not None else index)
         return picked
 
