@@ -122,8 +122,11 @@ def _check_forward(names: list[str], calls: list[int], produced: list[tuple[str,
 
 
 @contextmanager
-def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Iterator[tuple[Capture, Runner]]:
-    """Hook ``layers`` for one forward pass.
+def capture(
+    model: nn.Module, layers: Sequence[tuple[str, nn.Module]], *, graph: bool = True
+) -> Iterator[tuple[Capture, Runner]]:
+    """Hook ``layers`` for one forward pass (``graph=False``: record no graph at all, for the
+    gradient-free methods).
 
     Yields ``(capture, run)``: call ``run(inputs)`` once inside the block; it returns the model output
     with the autograd graph rooted at the first captured layer, and removes the hooks as soon as that
@@ -149,8 +152,8 @@ def capture(model: nn.Module, layers: Sequence[tuple[str, nn.Module]]) -> Iterat
                 )
             activation = _check_activation(name, output)
             produced.append((name, activation, activation._version))
-            activation = _graph_copy(activation)
-            if not graph_started:
+            activation = _graph_copy(activation) if graph else activation.detach().clone()
+            if graph and not graph_started:
                 torch.set_grad_enabled(True)
                 graph_started = True
             # Kept apart from what the forward continues with, and copied from the layer's output: an

@@ -316,7 +316,8 @@ class CAM:
         batch = len(inputs)
         with torch.inference_mode(False), eval_mode(self.model):
             x = _copy(inputs)
-            with capture(self.model, layers) as (captured, run), detector_canvas(self.model, x) as placed:
+            hooked = capture(self.model, layers, graph=self.uses_gradients)
+            with hooked as (captured, run), detector_canvas(self.model, x) as placed:
                 output = run(x)
                 rows = choose(output)
                 placement = placed()
