@@ -598,3 +598,49 @@ def test_a_pickled_custom_class_is_refused_even_holding_valid_weights(tmp_path):
     with pytest.raises(GradCAMError) as excinfo:
         models.load("resnet18", weights=file)
     one_line_error_naming(excinfo, file)
+
+
+@pytest.mark.parametrize(
+    ("name", "task"),
+    [
+        ("lraspp_mobilenet_v3_large", "segmentation"),
+        ("ssdlite320_mobilenet_v3_large", "detection"),
+        ("r3d_18", "video"),
+    ],
+)
+def test_task_models_load_with_their_weights_transforms_and_a_users_state_dict(
+    name, task, tmp_path: Path
+) -> None:
+    from torchvision.models import get_model_weights
+
+    loaded = models.load(name, pretrained=False)
+    weights = get_model_weights(name).DEFAULT
+    transforms = weights.transforms()
+    assert loaded.task == task and loaded.labels == list(weights.meta["categories"])
+    assert not loaded.module.training
+    if task == "detection":  # the detector resizes and normalises inside: the image as floats in [0, 1]
+        assert loaded.preprocess.resize is None and tuple(loaded.preprocess.std) == (1.0, 1.0, 1.0)
+    else:
+        assert list(loaded.preprocess.mean) == pytest.approx(list(transforms.mean))
+        assert list(loaded.preprocess.std) == pytest.approx(list(transforms.std))
+        resize = loaded.preprocess.resize
+        assert list(resize if isinstance(resize, tuple) else (resize,)) == list(transforms.resize_size)
+    if task == "video":
+        assert loaded.clip_length == 16 and loaded.preprocess.crop == tuple(transforms.crop_size)
+    # a fine-tuned state dict with three classes, named by --labels
+    names = ["a", "b", "c"]
+    (tmp_path / "labels.txt").write_text("\n".join(names))
+    torch.manual_seed(1)
+    own = models.load(name, pretrained=False, labels=tmp_path / "labels.txt")
+    torch.save(own.module.state_dict(), tmp_path / "ft.pt")
+    again = models.load(name, weights=tmp_path / "ft.pt", labels=tmp_path / "labels.txt")
+    assert again.labels == names
+    for key, value in own.module.state_dict().items():
+        assert torch.equal(value, again.module.state_dict()[key]), key
+
+
+def test_a_task_model_state_dict_of_another_architecture_is_refused_in_one_line(tmp_path: Path) -> None:
+    torch.save(models.load("resnet18", pretrained=False).module.state_dict(), tmp_path / "resnet.pt")
+    with pytest.raises(GradCAMError, match="does not fit") as caught:
+        models.load("lraspp_mobilenet_v3_large", weights=tmp_path / "resnet.pt")
+    assert "\n" not in str(caught.value)
