@@ -1,11 +1,12 @@
 """Micro-batching: concurrent requests for one model, method and layer run as one forward/backward.
 
-A request joins the queue of its key (model, method, layer, topk). When nothing of that key is running,
-a drain task takes everything queued (up to ``max_batch``) and computes it in the worker pool while
-holding the model's lock; requests that arrive meanwhile wait and form the next batch. A lone request
-therefore starts at once (no waiting window), and under load the batches fill by themselves. The
-pictures of a batch are drawn by another task while the next batch computes. The event loop only
-queues and awaits: all the work runs in the bounded thread pool.
+A request joins the queue of its key (model, method, layer, topk, input size; for a segmenter or
+detector also its classes and ``min_score``, which a batch of theirs shares). When nothing of that key
+is running, a drain task takes everything queued (up to ``max_batch``) and computes it in the worker
+pool while holding the model's lock; requests that arrive meanwhile wait and form the next batch. A
+lone request therefore starts at once (no waiting window), and under load the batches fill by
+themselves. The pictures of a batch are drawn by another task while the next batch computes. The event
+loop only queues and awaits: all the work runs in the bounded thread pool.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from gradcam.errors import GradCAMError
 from gradcam.models.pool import ModelPool
 from gradcam.pipeline import Result
-from gradcam.serve.render import ImageView, Prepared, compute, draw, stack
+from gradcam.serve.render import MIN_SCORE, ImageView, Prepared, compute, draw, empty_reason, stack
 
 
 class Overloaded(GradCAMError):
@@ -38,6 +39,9 @@ class _Key:
     method: str
     layer: str | None
     topk: int
+    shape: tuple[int, ...]  # the input's: a batch stacks one size (a detector's too: batch-independent)
+    named: tuple[int, ...] = ()  # a segmenter's or detector's classes (a classifier's are per request)
+    min_score: float = MIN_SCORE  # a detector's
 
 
 class Batcher:
@@ -56,13 +60,25 @@ class Batcher:
         self.batches: deque[int] = deque(maxlen=1000)  # sizes of the latest batches run (for tests)
 
     async def explain(
-        self, model: str, method: str, prepared: Prepared, targets: list[int], *, topk: int, layer: str | None
+        self,
+        model: str,
+        method: str,
+        prepared: Prepared,
+        targets: list[int],
+        *,
+        topk: int,
+        layer: str | None,
+        min_score: float = MIN_SCORE,
     ) -> ImageView:
         """Explain one prepared image (:func:`gradcam.serve.render.prepare` for ``model``); resolves when
         its batch has run."""
         if self._waiting >= self.max_waiting:
             raise Overloaded(f"the server is busy ({self._waiting} images waiting); try again shortly")
-        key = _Key(model, method, layer, topk)
+        shape = tuple(prepared.tensor.shape)
+        if self.pool.get(model).task == "classification":
+            key = _Key(model, method, layer, topk, shape)
+        else:
+            key = _Key(model, method, layer, topk, shape, tuple(targets), float(min_score))
         job = _Job(prepared, targets, asyncio.get_running_loop().create_future())
         self._queues.setdefault(key, []).append(job)
         self._waiting += 1
@@ -110,13 +126,21 @@ class Batcher:
         batch = stack(loaded, [j.prepared for j in jobs])
         with self.pool.lock(key.model):  # only the model work holds the model
             computed = compute(
-                loaded, key.method, batch, [j.targets for j in jobs], topk=key.topk, layer=key.layer
+                loaded,
+                key.method,
+                batch,
+                [j.targets for j in jobs],
+                topk=key.topk,
+                layer=key.layer,
+                min_score=key.min_score,
             )
         self.batches.append(len(jobs))
         return computed
 
     def _pictures(self, key: _Key, jobs: list[_Job], computed: Result) -> list[ImageView]:
-        return draw(self.pool.get(key.model), [j.prepared.picture for j in jobs], computed)
+        loaded = self.pool.get(key.model)
+        reason = empty_reason(loaded.task, key.min_score, key.named)
+        return draw(loaded, [j.prepared for j in jobs], computed, reason=reason)
 
 
 def _settle(jobs: list[_Job], outcomes: list) -> None:  # type: ignore[type-arg]

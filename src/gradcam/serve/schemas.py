@@ -54,7 +54,14 @@ class Health(BaseModel):
 class ModelInfo(BaseModel):
     name: str = Field(description="The name to send as `model`.")
     default: bool = Field(description="True for the model used when a request names none.")
-    input_size: list[int] = Field(description="(height, width) of the model's input in pixels.")
+    task: str = Field(
+        description="classification, segmentation or detection: what `target`, `topk` and `min_score` "
+        "choose and which task fields (`detection`, `mask`) the targets carry."
+    )
+    input_size: list[int] = Field(
+        description="(height, width) of the model's input in pixels (a segmenter resizes the shorter "
+        "side and keeps the aspect, a detector takes the image as it is: a representative size)."
+    )
     classes: int = Field(description="Number of classes (targets are 0 .. classes - 1).")
 
 
@@ -85,11 +92,47 @@ class Prediction(BaseModel):
     probability: float = Field(description="Softmax probability.")
 
 
+class Detection(BaseModel):
+    """One of a detector's own detections (the explained target)."""
+
+    index: int = Field(description="Its rank among the image's explained detections, best first (0..).")
+    box: list[float] = Field(
+        description="[x0, y0, x1, y1] in the uploaded image's pixels (`size`), to 0.1 pixel; scale by "
+        "the picture's width / size[0] to draw it on `picture`."
+    )
+    score: float = Field(description="The detector's score of the detection (the class score explained).")
+
+
+class Mask(BaseModel):
+    """A segmented class's predicted mask: the pixels whose argmax over the segmenter's output is the
+    class."""
+
+    png: str = Field(
+        description="Base64 PNG, grayscale: 255 inside the mask, 0 outside, on the segmenter's output "
+        "pixels (its input: the image resized with its aspect kept); stretched over `picture` it lies on "
+        "the image (the web app draws its outline)."
+    )
+    size: list[int] = Field(description="(width, height) of the mask PNG.")
+    area: int = Field(
+        description="The mask's area in the uploaded image's pixels (fraction x width x height)."
+    )
+    fraction: float = Field(description="The mask's share of the image, 0..1.")
+
+
 class TargetResult(BaseModel):
-    index: int = Field(description="The explained class index.")
+    index: int = Field(
+        description="The explained class index (a segmenter's class; a detector's label, for torchvision "
+        "a COCO category id)."
+    )
     class_: str = Field(alias="class", description="The explained class name.")
-    probability: float = Field(description="Softmax probability of the class.")
-    score: float = Field(description="Pre-softmax score y^c of the class (what the gradients are of).")
+    probability: float | None = Field(
+        description="Softmax probability of the class; null for a target without one (a segmented "
+        "class, a detection)."
+    )
+    score: float = Field(
+        description="The score the gradients are of: a classifier's pre-softmax y^c, a segmenter's sum "
+        "of the class's logits over its predicted mask, a detection's class score."
+    )
     heatmap: str | None = Field(
         description="Base64 PNG: the map through the jet colormap, the size of `picture` (null for "
         "guided-backprop). Drawn over `picture` at any opacity it is the overlay (the web app does so)."
@@ -99,13 +142,17 @@ class TargetResult(BaseModel):
         "(null for the CAM methods)."
     )
     raw_map: list[list[float]] | None = Field(
-        description="The map at the layer's resolution, not normalised, when `raw` was true; else null."
+        description="The map at the layer's resolution, not normalised, when `raw` was true; else null "
+        "(a detector's: the layer's grid over its resized, padded input)."
     )
+    detection: Detection | None = Field(description="A detector's target: the detection; else null.")
+    mask: Mask | None = Field(description="A segmenter's target: the class's predicted mask; else null.")
 
 
 class Explained(BaseModel):
     model: str
     method: str
+    task: str = Field(description="The model's task: classification, segmentation or detection.")
     layer: str | None = Field(
         description="The explained layer (automatic unless `layer` was sent); null for guided-backprop."
     )
@@ -114,8 +161,17 @@ class Explained(BaseModel):
         description="Base64 PNG of the frame the maps register with (the whole image, or the crop the "
         "model sees), at most 512 pixels a side."
     )
-    predictions: list[Prediction] = Field(description="The model's five best classes.")
-    targets: list[TargetResult] = Field(description="One entry per explained class.")
+    predictions: list[Prediction] = Field(
+        description="A classifier's five best classes (empty for a segmenter or detector)."
+    )
+    targets: list[TargetResult] = Field(
+        description="One entry per explained class or detection; empty when a segmenter or detector "
+        "found nothing to explain (`none` says why)."
+    )
+    none: str | None = Field(
+        description="Why `targets` is empty (no detection scored at least `min_score`, no class but the "
+        "background predicted); null when it is not."
+    )
     seconds: float = Field(description="Server time for this request.")
 
 

@@ -1,5 +1,11 @@
 """The explanation API: the served models and methods, ``POST /v1/explain`` and ``POST /v1/compare``.
 
+Classifiers, segmenters and detectors (:data:`gradcam.serve.render.IMAGE_TASKS`): ``target`` names a
+classifier's or segmenter's classes to explain (a segmenter's default: its largest predicted class) or
+the classes a detector's detections are kept of; ``min_score`` and ``topk`` choose a detector's
+detections. A target carries its task's numbers (``detection``: box, score; ``mask``: the predicted mask
+as a PNG, its area), which the web app draws over the picture.
+
 Model work never runs on the event loop: uploads are decoded (a few at a time) and PNGs encoded in the
 thread pool, and explanations go through the :class:`~gradcam.serve.batcher.Batcher` into a bounded pool
 of worker threads, concurrent requests for one model, method and layer merged into one forward/backward.
@@ -21,7 +27,18 @@ from gradcam.errors import GradCAMError
 from gradcam.methods import registry
 from gradcam.models.pool import ModelPool
 from gradcam.serve.dependencies import BatcherDep, Decoding, Pool, Settings
-from gradcam.serve.render import ImageView, Prepared, method_entry, offered, prepare
+from gradcam.serve.render import (
+    MAX_TARGETS,
+    MIN_SCORE,
+    ImageView,
+    Prepared,
+    TargetView,
+    check_task,
+    default_topk,
+    method_entry,
+    offered,
+    prepare,
+)
 from gradcam.serve.schemas import (
     Compared,
     Explained,
@@ -33,9 +50,6 @@ from gradcam.serve.schemas import (
     Models,
     Problem,
 )
-
-#: Most classes one request may name (as many as ``topk`` allows).
-MAX_TARGETS = 10
 
 ERRORS = {
     413: {
@@ -53,11 +67,21 @@ ImageField = Annotated[
 TargetField = Annotated[
     list[str] | None,
     Form(description="Class to explain: an index or a class name (any case); repeat for several (at most "
-         "10). None: the `topk` best classes."),
+         "10). None: the `topk` best classes (a segmenter's: its `topk` largest predicted classes). For a "
+         "detector: explain only detections of these classes."),
 ]  # fmt: skip
 TopkField = Annotated[
-    int, Form(ge=1, le=10, description="Explain the k best classes when no target is sent.")
-]
+    int | None,
+    Form(ge=1, le=MAX_TARGETS,
+         description="Explain the k best classes when no target is sent (default 1); a segmenter's k "
+         "largest predicted classes (default 1); a detector's k best detections (default 10)."),
+]  # fmt: skip
+MinScoreField = Annotated[
+    float,
+    Form(ge=0, le=1, allow_inf_nan=False,
+         description="A detector's detections scoring at least this are explained (0..1); ignored by "
+         "other models."),
+]  # fmt: skip
 LayerField = Annotated[
     str | None, Form(max_length=200, description="Qualified module name to explain (default: automatic).")
 ]
@@ -82,6 +106,7 @@ async def list_models(pool: Pool) -> dict:
             ModelInfo(
                 name=name,
                 default=name == pool.default,
+                task=loaded.task,
                 input_size=list(loaded.input_size),
                 classes=len(loaded.labels),
             )
@@ -126,23 +151,31 @@ def _body(view: ImageView, size: tuple[int, int], raw: bool, seconds: float) -> 
     return {
         "model": view.model,
         "method": view.method,
+        "task": view.task,
         "layer": view.layer,
         "size": list(size),
         "picture": _b64(view.picture),
         "predictions": [{"index": i, "class": name, "probability": p} for i, name, p in view.predictions],
-        "targets": [
-            {
-                "index": t.index,
-                "class": t.name,
-                "probability": t.probability,
-                "score": t.score,
-                "heatmap": _b64(t.heatmap),
-                "guided": _b64(t.guided),
-                "raw_map": t.raw.tolist() if raw and t.raw is not None else None,
-            }
-            for t in view.targets
-        ],
+        "targets": [_target(t, raw) for t in view.targets],
+        "none": view.none,
         "seconds": round(seconds, 4),
+    }
+
+
+def _target(target: TargetView, raw: bool) -> dict:
+    mask = None
+    if target.mask is not None and target.mask_picture is not None:
+        mask = {**target.mask, "png": _b64(target.mask_picture), "size": list(target.mask_picture.size)}
+    return {
+        "index": target.index,
+        "class": target.name,
+        "probability": target.probability,
+        "score": target.score,
+        "heatmap": _b64(target.heatmap),
+        "guided": _b64(target.guided),
+        "raw_map": target.raw.tolist() if raw and target.raw is not None else None,
+        "detection": target.detection,
+        "mask": mask,
     }
 
 
@@ -154,8 +187,9 @@ def _check_request(
     method_entry(method, choices)
     if len(target or []) > MAX_TARGETS:
         raise GradCAMError(f"field 'target': at most {MAX_TARGETS} classes per request")
-    names = pool.get(model).labels
-    return [targets.parse_class(spec, names) for spec in target or []]
+    loaded = pool.get(model)
+    check_task(loaded, method)
+    return [targets.parse_class(spec, loaded.labels) for spec in target or []]
 
 
 async def _read_image(
@@ -181,12 +215,16 @@ async def _explain_one(
     model: str,
     method: str,
     wanted: list[int],
-    topk: int,
+    topk: int | None,
     layer: str | None,
     raw: bool,
+    min_score: float,
 ) -> dict:
     started = time.perf_counter()
-    view = await batcher.explain(model, method, prepared, wanted, topk=topk, layer=layer or None)
+    k = topk or default_topk(batcher.pool.get(model).task)
+    view = await batcher.explain(
+        model, method, prepared, wanted, topk=k, layer=layer or None, min_score=min_score
+    )
     return await run_in_threadpool(_body, view, size, raw, time.perf_counter() - started)
 
 
@@ -204,16 +242,19 @@ async def explain(
         str, Form(max_length=100, description="An explanation method, see /v1/methods.")
     ] = "gradcam",
     target: TargetField = None,
-    topk: TopkField = 1,
+    topk: TopkField = None,
     layer: LayerField = None,
     raw: RawField = False,
+    min_score: MinScoreField = MIN_SCORE,
 ) -> dict:
-    """Explain one image: the top-5 predictions and, per target class, the heatmap (or guided picture)
-    as PNG."""
+    """Explain one image: a classifier's top-5 predictions and, per target class or detection, the
+    heatmap (or guided picture) as PNG, with a detection's box or a segmented class's mask."""
     model = model or pool.default
     wanted = _check_request(pool, offered(settings.slow_methods), model, method, target)
     size, prepared = await _read_image(image, [model], pool, settings, decoding)
-    return await _explain_one(batcher, prepared[model], size, model, method, wanted, topk, layer, raw)
+    return await _explain_one(
+        batcher, prepared[model], size, model, method, wanted, topk, layer, raw, min_score
+    )
 
 
 @router.post("/v1/compare", response_model=Compared, responses=ERRORS, tags=["explain"])
@@ -228,9 +269,10 @@ async def compare(
     ] = None,
     method: Annotated[list[str] | None, Form(description="One method, or two to compare.")] = None,
     target: TargetField = None,
-    topk: TopkField = 1,
+    topk: TopkField = None,
     layer: LayerField = None,
     raw: RawField = False,
+    min_score: MinScoreField = MIN_SCORE,
 ) -> dict:
     """The same image through two models (one method) or two methods (one model), side by side."""
     chosen_models = model or [pool.default]
@@ -248,7 +290,7 @@ async def compare(
     size, prepared = await _read_image(image, chosen_models, pool, settings, decoding)
     left, right = await asyncio.gather(
         *(
-            _explain_one(batcher, prepared[m], size, m, meth, ids, topk, layer, raw)
+            _explain_one(batcher, prepared[m], size, m, meth, ids, topk, layer, raw, min_score)
             for (m, meth), ids in zip(pairs, wanted, strict=True)
         )
     )

@@ -2,8 +2,12 @@
 // and model, alone or side by side. Talks to the JSON API of `gradcam serve` (URLs relative to the page,
 // so a server behind a path prefix works too). Every server string goes in through textContent or an
 // attribute, never as HTML. The data-testid attributes are listed at the top of index.html.
+// For a detector the page draws each detection's box, label and score (SVG), for a segmenter the outline
+// of the predicted mask (canvas), over the picture from the API's numbers: the server sends the heatmap,
+// never an overlay.
 
 const GUIDED_GRADCAM = "guided-gradcam";
+const SVG = "http://www.w3.org/2000/svg";
 
 const $ = (id) => document.getElementById(id);
 const el = {
@@ -18,6 +22,11 @@ const el = {
   classInput: $("class-input"),
   classList: $("class-datalist"),
   classClear: $("class-clear"),
+  taskOptions: $("task-options"),
+  minScoreField: $("min-score-field"),
+  minScore: $("min-score-input"),
+  topk: $("topk-input"),
+  topkLabel: $("topk-label"),
   guidedToggle: $("guided-toggle"),
   opacity: $("opacity-slider"),
   opacityValue: $("opacity-value"),
@@ -40,7 +49,7 @@ const state = {
   image: null, // the uploaded image, read into memory once: changes re-send it without the disk
   imageName: "",
   previewUrl: null,
-  models: [], // [{name, default, input_size, classes}]
+  models: [], // [{name, default, task, input_size, classes}]
   methods: [], // [{name, description, guided}]
   labels: new Map(), // model name -> Promise of its label list
   lastCamMethod: "gradcam", // the method to go back to when the Guided Grad-CAM toggle is switched off
@@ -166,6 +175,20 @@ function syncCompareChoices() {
   }
 }
 
+function taskOf(model) {
+  const info = state.models.find((m) => m.name === model);
+  return (info && info.task) || "classification";
+}
+
+/** The fields of a segmenter or detector, shown when a chosen model is one. */
+function syncTaskOptions() {
+  const tasks = currentSettings().models.map(taskOf);
+  const detection = tasks.includes("detection");
+  el.taskOptions.hidden = !tasks.some((task) => task !== "classification");
+  el.minScoreField.hidden = !detection;
+  el.topkLabel.textContent = detection ? "Most detections" : "Classes (largest predicted first)";
+}
+
 async function loadChoices() {
   setBusy(true, "Loading the models…");
   try {
@@ -194,6 +217,7 @@ async function loadChoices() {
   el.method.disabled = false;
   describeMethod();
   syncCompareChoices();
+  syncTaskOptions();
   setBusy(false);
   await showLabels(el.model.value);
   if (state.image) refresh(); // an image chosen while the choices were loading
@@ -235,11 +259,17 @@ function currentSettings() {
   const compare = el.compareToggle.checked;
   const byModel = compare && el.compareByModel.checked;
   const byMethod = compare && !byModel;
+  const models = byModel ? [el.model.value, el.compareModel.value] : [el.model.value];
+  const tasks = models.map(taskOf);
+  const detection = tasks.includes("detection");
+  const segmentation = tasks.includes("segmentation");
   return {
     compare,
-    models: byModel ? [el.model.value, el.compareModel.value] : [el.model.value],
+    models,
     methods: byMethod ? [el.method.value, el.compareMethod.value] : [el.method.value],
     target: el.classInput.value.trim(),
+    minScore: detection ? el.minScore.value.trim() : "",
+    topk: detection || segmentation ? el.topk.value.trim() : "",
   };
 }
 
@@ -249,6 +279,8 @@ function buildForm(settings) {
   for (const model of settings.models) form.append("model", model);
   for (const method of settings.methods) form.append("method", method);
   if (settings.target) form.append("target", settings.target);
+  if (settings.minScore) form.append("min_score", settings.minScore);
+  if (settings.topk) form.append("topk", settings.topk);
   return form;
 }
 
@@ -307,6 +339,11 @@ function makePanel(root) {
     overlay: find("overlay"),
     picture: find("overlay-picture"),
     heatmap: find("heatmap-picture"),
+    marks: find("marks"),
+    outline: find("mask-outline"),
+    targets: find("target-list"),
+    targetsTitle: root.querySelector(".targets-title"),
+    predictionsTitle: root.querySelector(".predictions-title"),
     guided: find("guided"),
     guidedPicture: find("guided-picture"),
     guidedCaption: root.querySelector(".guided-caption"),
@@ -316,12 +353,14 @@ function makePanel(root) {
     topk: find("topk-list"),
     timing: find("timing"),
     result: null,
+    shown: 0, // the position in result.targets of the target whose heatmap is shown
   };
 }
 
 const panels = { left: makePanel($("left-panel")), right: makePanel($("right-panel")) };
 
 const percent = (p) => `${(100 * p).toFixed(1)} %`;
+const scoreText = (s) => s.toFixed(2);
 const png = (base64) => `data:image/png;base64,${base64}`;
 
 /** Width and height of a base64 PNG, read from its IHDR chunk (bytes 16..24). */
@@ -351,26 +390,54 @@ function setDownload(link, base64, name) {
   }
 }
 
+/** One line on what is explained: the class and its probability, a detection and its score, a segmented
+ * class and its share of the image; or why there is nothing to explain. */
+function describeTarget(result, target) {
+  if (!target) return result.none ? `Nothing to explain: ${result.none}` : "";
+  const name = `“${target.class}” (#${target.index})`;
+  if (target.detection) {
+    return `Explaining detection ${target.detection.index + 1}, ${name}, score ${scoreText(target.detection.score)}`;
+  }
+  if (target.mask) return `Explaining ${name}, predicted on ${percent(target.mask.fraction)} of the image`;
+  if (target.probability === null || target.probability === undefined) {
+    return `Explaining ${name}, score ${scoreText(target.score)}`;
+  }
+  return `Explaining ${name}, probability ${percent(target.probability)}`;
+}
+
 function showResult(panel, result, elapsed) {
   panel.result = result;
-  const target = result.targets[0];
+  panel.shown = 0;
+  panel.title.textContent = `${result.model} · ${result.method}`;
+  panel.picture.src = png(result.picture);
+  panel.picture.alt = `${state.imageName} as ${result.model} sees it`;
+  showTarget(panel);
+  showTargetList(panel);
+  const server = typeof result.seconds === "number" ? `${result.seconds.toFixed(2)} s on the server, ` : "";
+  panel.timing.textContent = `${server}${elapsed.toFixed(2)} s in all`;
+  panel.root.hidden = false;
+}
+
+/** The shown target (panel.shown): its heatmap or guided picture, the marks, the downloads. */
+function showTarget(panel) {
+  const result = panel.result;
+  const target = result.targets[panel.shown];
   const methodName = result.method;
-  panel.title.textContent = `${result.model} · ${methodName}`;
-  panel.explained.textContent = target
-    ? `Explaining “${target.class}” (#${target.index}), probability ${percent(target.probability)}`
-    : "";
+  panel.explained.textContent = describeTarget(result, target);
   const className = target ? target.class : "";
 
   const hasMap = Boolean(target && target.heatmap);
-  panel.overlay.hidden = !hasMap;
-  panel.picture.src = png(result.picture);
-  panel.picture.alt = `${state.imageName} as ${result.model} sees it`;
+  // Hidden only for guided-backprop (no map); an image with nothing to explain still shows its picture.
+  panel.overlay.hidden = Boolean(target) && !hasMap;
+  panel.heatmap.hidden = !hasMap;
   if (hasMap) {
     panel.heatmap.src = png(target.heatmap);
     panel.heatmap.alt = `${methodName} heatmap of “${className}”`;
   } else {
     panel.heatmap.removeAttribute("src");
   }
+  drawBoxes(panel);
+  drawOutline(panel);
   const hasGuided = Boolean(target && target.guided);
   panel.guided.hidden = !hasGuided;
   if (hasGuided) {
@@ -390,13 +457,144 @@ function showResult(panel, result, elapsed) {
   if (hasMap) {
     Promise.all([panel.picture.decode(), panel.heatmap.decode()])
       .then(() => {
-        if (panel.result === result) panel.downloadOverlay.href = composeOverlay(panel);
+        if (panel.result === result && result.targets[panel.shown] === target) {
+          panel.downloadOverlay.href = composeOverlay(panel);
+        }
       })
       .catch(() => {}); // drawn again when the link is clicked
   }
   setDownload(panel.downloadHeatmap, hasMap ? target.heatmap : null, stem("heatmap"));
   setDownload(panel.downloadGuided, hasGuided ? target.guided : null, stem("guided"));
+  showPredictions(panel, result, target);
+  for (const item of panel.targets.children) {
+    if (Number(item.dataset.n) === panel.shown) item.setAttribute("aria-current", "true");
+    else item.removeAttribute("aria-current");
+  }
+}
 
+/** Every detection's box with its label and score, in the uploaded image's pixels (the SVG's viewBox
+ * is the API's `size`; it is stretched over the picture, which is the whole image shrunk). */
+function drawBoxes(panel) {
+  const result = panel.result;
+  const [width, height] = result.size;
+  panel.marks.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  const fontSize = 0.035 * Math.max(width, height);
+  const boxes = result.targets
+    .map((target, n) => ({ target, n }))
+    .filter(({ target }) => target.detection)
+    .map(({ target, n }) => {
+      const [x0, y0, x1, y1] = target.detection.box;
+      const group = document.createElementNS(SVG, "g");
+      group.setAttribute("class", n === panel.shown ? "mark-box is-shown" : "mark-box");
+      group.dataset.testid = "box";
+      group.dataset.n = String(n);
+      const rect = document.createElementNS(SVG, "rect");
+      rect.dataset.testid = "box-rect";
+      rect.setAttribute("x", String(x0));
+      rect.setAttribute("y", String(y0));
+      rect.setAttribute("width", String(Math.max(0, x1 - x0)));
+      rect.setAttribute("height", String(Math.max(0, y1 - y0)));
+      const label = document.createElementNS(SVG, "text");
+      label.dataset.testid = "box-label";
+      label.setAttribute("x", String(x0 + fontSize * 0.2));
+      label.setAttribute("y", String(y0 > fontSize * 1.1 ? y0 - fontSize * 0.25 : y0 + fontSize));
+      label.setAttribute("font-size", String(fontSize));
+      label.textContent = `${target.class} ${scoreText(target.detection.score)}`;
+      group.append(rect, label);
+      return group;
+    });
+  // The shown box last: drawn on top of the others.
+  boxes.sort((a, b) => (a.dataset.n === String(panel.shown)) - (b.dataset.n === String(panel.shown)));
+  panel.marks.replaceChildren(...boxes);
+}
+
+/** The outline of the shown target's predicted mask: the mask's pixels next to a pixel outside it,
+ * found from the API's mask PNG (at the segmenter's output size) and stretched over the picture. */
+function drawOutline(panel) {
+  const result = panel.result;
+  const target = result.targets[panel.shown];
+  const canvas = panel.outline;
+  canvas.hidden = true;
+  if (!target || !target.mask) return;
+  const mask = new Image();
+  mask.onload = () => {
+    if (panel.result !== result || result.targets[panel.shown] !== target) return; // changed meanwhile
+    const { width, height } = mask;
+    canvas.width = width;
+    canvas.height = height;
+    const context = canvas.getContext("2d");
+    context.drawImage(mask, 0, 0);
+    const inside = context.getImageData(0, 0, width, height).data;
+    const at = (x, y) => x >= 0 && y >= 0 && x < width && y < height && inside[4 * (y * width + x)] > 127;
+    const out = context.createImageData(width, height);
+    // About two display pixels thick: the picture is shown at most 512 pixels wide.
+    const reach = Math.max(1, Math.round(Math.max(width, height) / 400));
+    for (let y = 0; y < height; y += 1) {
+      for (let x = 0; x < width; x += 1) {
+        if (!at(x, y)) continue;
+        let edge = false;
+        for (let d = 1; d <= reach && !edge; d += 1) {
+          edge = !at(x - d, y) || !at(x + d, y) || !at(x, y - d) || !at(x, y + d);
+        }
+        if (edge) out.data.set([0, 229, 255, 255], 4 * (y * width + x));
+      }
+    }
+    context.putImageData(out, 0, 0);
+    canvas.hidden = false;
+  };
+  mask.src = png(target.mask.png);
+}
+
+/** A segmenter's or detector's explained targets, each a button that shows its heatmap. */
+function showTargetList(panel) {
+  const result = panel.result;
+  const listed = result.task && result.task !== "classification";
+  panel.targets.hidden = !listed || !result.targets.length;
+  panel.targetsTitle.hidden = panel.targets.hidden;
+  panel.targetsTitle.textContent = result.task === "detection" ? "Detections" : "Segmented classes";
+  if (!listed) {
+    panel.targets.replaceChildren();
+    return;
+  }
+  panel.targets.replaceChildren(
+    ...result.targets.map((target, n) => {
+      const item = document.createElement("li");
+      item.className = "prediction";
+      item.dataset.testid = "target";
+      item.dataset.n = String(n);
+      const button = document.createElement("button");
+      button.type = "button";
+      button.className = "prediction-button";
+      button.title = `Show the heatmap of “${target.class}”`;
+      const name = document.createElement("span");
+      name.className = "prediction-name";
+      name.textContent = target.detection ? `${target.detection.index + 1}. ${target.class}` : target.class;
+      const value = document.createElement("span");
+      value.className = "prediction-probability";
+      const share = target.mask ? target.mask.fraction : null;
+      value.textContent = target.detection ? scoreText(target.detection.score) : percent(share || 0);
+      const bar = document.createElement("span");
+      bar.className = "prediction-bar";
+      bar.setAttribute("aria-hidden", "true");
+      const amount = target.detection ? target.detection.score : share || 0;
+      bar.style.setProperty("--p", String(Math.max(0, Math.min(1, amount))));
+      button.append(name, value, bar);
+      button.addEventListener("click", () => {
+        panel.shown = n;
+        showTarget(panel);
+      });
+      if (n === panel.shown) item.setAttribute("aria-current", "true");
+      item.append(button);
+      return item;
+    }),
+  );
+}
+
+/** A classifier's top-5, each a button that explains that class (hidden for other models). */
+function showPredictions(panel, result, target) {
+  const none = !result.predictions.length && result.task && result.task !== "classification";
+  panel.topk.hidden = none;
+  panel.predictionsTitle.hidden = none;
   panel.topk.replaceChildren(
     ...result.predictions.map((prediction) => {
       const item = document.createElement("li");
@@ -428,9 +626,6 @@ function showResult(panel, result, elapsed) {
       return item;
     }),
   );
-  const server = typeof result.seconds === "number" ? `${result.seconds.toFixed(2)} s on the server, ` : "";
-  panel.timing.textContent = `${server}${elapsed.toFixed(2)} s in all`;
-  panel.root.hidden = false;
 }
 
 // ---- opacity and the overlay download --------------------------------------------------------------
@@ -441,10 +636,11 @@ function applyOpacity() {
   el.opacityValue.textContent = `${value} %`;
 }
 
-/** The picture with the heatmap over it at the slider's opacity, as a PNG data URL (the server sends
- * the picture and the heatmap; the overlay is made only here). */
+/** The picture with the heatmap over it at the slider's opacity, and the boxes or mask outline drawn as
+ * on the page, as a PNG data URL (the server sends the picture and the heatmap; the overlay is made only
+ * here). */
 function composeOverlay(panel) {
-  const { picture, heatmap } = panel;
+  const { picture, heatmap, outline, result } = panel;
   const canvas = document.createElement("canvas");
   canvas.width = picture.naturalWidth;
   canvas.height = picture.naturalHeight;
@@ -452,13 +648,26 @@ function composeOverlay(panel) {
   context.drawImage(picture, 0, 0);
   context.globalAlpha = Number(el.opacity.value) / 100;
   context.drawImage(heatmap, 0, 0, canvas.width, canvas.height);
+  context.globalAlpha = 1;
+  if (!outline.hidden && outline.width) context.drawImage(outline, 0, 0, canvas.width, canvas.height);
+  const scale = canvas.width / result.size[0];
+  context.lineWidth = 2;
+  context.font = `600 ${Math.max(10, Math.round(0.035 * Math.max(canvas.width, canvas.height)))}px sans-serif`;
+  result.targets.forEach((target, n) => {
+    if (!target.detection) return;
+    const [x0, y0, x1, y1] = target.detection.box.map((v) => v * scale);
+    context.strokeStyle = n === panel.shown ? "#00e5ff" : "#ffffff";
+    context.fillStyle = context.strokeStyle;
+    context.strokeRect(x0, y0, x1 - x0, y1 - y0);
+    context.fillText(`${target.class} ${scoreText(target.detection.score)}`, x0 + 2, Math.max(12, y0 - 3));
+  });
   return canvas.toDataURL("image/png");
 }
 
 function wireOverlayDownload(panel) {
   panel.downloadOverlay.addEventListener("click", (event) => {
     // Runs before the link is followed, so the href set here is the one downloaded.
-    const target = panel.result && panel.result.targets[0];
+    const target = panel.result && panel.result.targets[panel.shown];
     if (!target || !target.heatmap) return;
     const ready = panel.picture.complete && panel.heatmap.complete && panel.picture.naturalWidth > 0;
     if (ready) {
@@ -510,9 +719,12 @@ function wire() {
 
   el.model.addEventListener("change", () => {
     syncCompareChoices();
+    syncTaskOptions();
     showLabels(el.model.value);
     refresh();
   });
+  el.minScore.addEventListener("change", () => refresh());
+  el.topk.addEventListener("change", () => refresh());
   el.method.addEventListener("change", () => {
     describeMethod();
     syncCompareChoices();
@@ -550,11 +762,13 @@ function wire() {
     el.compareOptions.hidden = !el.compareToggle.checked;
     el.results.classList.toggle("is-comparing", el.compareToggle.checked);
     syncCompareChoices();
+    syncTaskOptions();
     refresh();
   });
   for (const input of [el.compareByModel, el.compareByMethod, el.compareModel, el.compareMethod]) {
     input.addEventListener("change", () => {
       syncCompareChoices();
+      syncTaskOptions();
       refresh();
     });
   }
