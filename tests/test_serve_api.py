@@ -354,7 +354,8 @@ def test_openapi_documents_every_field_and_error(client):
         assert {"200", "413", "415", "422", "503"} <= set(operation["responses"])
         body_ref = operation["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
         body = schema["components"]["schemas"][body_ref.rsplit("/", 1)[1]]
-        assert set(body["properties"]) == {"image", "model", "method", "target", "topk", "layer", "raw"}
+        fields = {"image", "model", "method", "target", "topk", "layer", "raw", "min_score"}
+        assert set(body["properties"]) == fields
         for name, field in body["properties"].items():
             assert field.get("description"), f"{path}: field {name} has no description"
     # Every 422 is one line of JSON (the app's handler), never FastAPI's list of errors: documented so.
