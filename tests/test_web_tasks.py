@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, Page, expect
 
 from conftest import require
 from gradcam.serve.app import ServeSettings, create_app
 from test_serve_tasks import DETECTOR, SEGMENTER, decode, scene, task_models
-from test_web_e2e import ANSWER, CHROMIUM, CHROMIUM_ARGS
+from test_web_e2e import ANSWER, browser  # noqa: F401 (the module's Chromium, as a fixture)
 
 uvicorn = require("uvicorn", "the browser tests need uvicorn (the serve extra)")
 
@@ -52,16 +52,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     thread.join(timeout=15)
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
-
-
 @pytest.fixture
-def page(browser: Browser, server: str, tmp_path: Path) -> Iterator[Page]:
+def page(browser: Browser, server: str, tmp_path: Path) -> Iterator[Page]:  # noqa: F811 (the fixture)
     """A fresh page at 1280x800; an uncaught JavaScript error fails the test, any failure leaves a
     screenshot in tmp_path."""
     context = browser.new_context(viewport={"width": 1280, "height": 800}, base_url=server)
