@@ -6,8 +6,16 @@ from gradcam.methods import registry
 from gradcam.methods.attention import AttentionRollout, GenericAttention
 from gradcam.methods.base import CAM, MapContext
 from gradcam.methods.baseline import RandomCAM
+from gradcam.methods.classic import ClassActivationMap
 from gradcam.methods.eigen import EigenCAM, EigenGradCAM
-from gradcam.methods.gradient import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+from gradcam.methods.gradient import (
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+)
 from gradcam.methods.guided import GuidedBackprop, GuidedGradCAM
 from gradcam.methods.score import AblationCAM, ScoreCAM
 
@@ -33,9 +41,11 @@ __all__ = [
     "AblationCAM",
     "AttentionRollout",
     "CAM",
+    "ClassActivationMap",
     "EigenCAM",
     "EigenGradCAM",
     "GradCAM",
+    "GradCAMElementWise",
     "GenericAttention",
     "GradCAMPlusPlus",
     "GuidedBackprop",

@@ -120,3 +120,27 @@ class LayerCAM(CAM):
         self, activations: torch.Tensor, gradients: torch.Tensor | None, context: MapContext
     ) -> torch.Tensor:
         return torch.relu(self.weighted_activations(activations, gradients, context).sum(dim=-3))
+
+
+class GradCAMElementWise(CAM):
+    r"""Element-wise Grad-CAM (pytorch-grad-cam's ``GradCAMElementWise``): HiResCAM with each position's
+    per-channel evidence clipped before the channels are summed.
+
+        L^c = ReLU( sum_k ReLU( dS^c/dA^k_{ij} A^k_{ij} ) )
+
+    Like HiResCAM it keeps the gradient's spatial detail instead of averaging it (Grad-CAM's alpha);
+    unlike HiResCAM a channel that speaks against the class at a position cannot cancel another that
+    speaks for it there. No paper defines it; it is the variant pytorch-grad-cam introduced.
+    """
+
+    method = "gradcam-elementwise"
+
+    def weighted_activations(
+        self, activations: torch.Tensor, gradients: torch.Tensor | None, context: MapContext
+    ) -> torch.Tensor:
+        return torch.relu(gradients * activations)
+
+    def layer_map(
+        self, activations: torch.Tensor, gradients: torch.Tensor | None, context: MapContext
+    ) -> torch.Tensor:
+        return torch.relu(self.weighted_activations(activations, gradients, context).sum(dim=-3))

@@ -24,8 +24,16 @@ from gradcam.errors import GradCAMError
 from gradcam.methods.attention import AttentionRollout, GenericAttention
 from gradcam.methods.base import CAM
 from gradcam.methods.baseline import RandomCAM
+from gradcam.methods.classic import ClassActivationMap
 from gradcam.methods.eigen import EigenCAM, EigenGradCAM
-from gradcam.methods.gradient import GradCAM, GradCAMPlusPlus, HiResCAM, LayerCAM, XGradCAM
+from gradcam.methods.gradient import (
+    GradCAM,
+    GradCAMElementWise,
+    GradCAMPlusPlus,
+    HiResCAM,
+    LayerCAM,
+    XGradCAM,
+)
 from gradcam.methods.guided import GuidedBackprop, GuidedGradCAM
 from gradcam.methods.maps import center_baseline, random_baseline, sobel_baseline
 from gradcam.methods.score import AblationCAM, ScoreCAM
@@ -81,6 +89,14 @@ _ENTRIES: tuple[Method, ...] = (
         "HiResCAM (Draelos & Carin, 2020): ReLU(sum_k dy/dA^k * A^k), element-wise, no averaging",
     ),
     Method("layercam", "cam", LayerCAM, "LayerCAM (Jiang et al., TIP 2021): ReLU(sum_k ReLU(dy/dA^k) * A^k)"),
+    Method(
+        "gradcam-elementwise", "cam", GradCAMElementWise,
+        "Element-wise Grad-CAM (pytorch-grad-cam): ReLU(sum_k ReLU(dy/dA^k * A^k))",
+    ),
+    Method(
+        "cam", "cam", ClassActivationMap,
+        "CAM (Zhou et al., CVPR 2016): ReLU(sum_k w_k^c A^k), the classifier's weights on a pooled layer",
+    ),
     Method(
         "scorecam", "cam", ScoreCAM,
         "Score-CAM (Wang et al., CVPR-W 2020): channels weighted by the confidence of masked inputs",

@@ -1,0 +1,135 @@
+"""The methods the peers ship, each against an independent reference: the formula evaluated in numpy on
+activations and gradients taken by plain autograd (no hooks, no engine code), and the peer's own
+implementation as an oracle (pytorch-grad-cam, torchcam), compared on raw maps at the layer's resolution.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import gradcam
+from conftest import SpatialHead, require
+from gradcam.errors import GradCAMError
+from gradcam.methods import get
+
+pgc = require("pytorch_grad_cam", "the peers' methods are the oracles (the test extra installs grad-cam)")
+torchcam = require("torchcam", "the peers' methods are the oracles (the test extra installs torchcam)")
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget  # noqa: E402
+from torchcam import methods as torchcam_methods  # noqa: E402
+
+RELATIVE = 1e-5
+
+
+def assert_close(ours: torch.Tensor, expected: np.ndarray | torch.Tensor, what: str) -> float:
+    """Equal to 1e-5 relative to the reference's peak; the relative error."""
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = np.abs(expected).max()
+    assert scale > 0, f"{what}: the reference is all zero, the comparison would prove nothing"
+    error = float(np.abs(ours.double().numpy() - expected).max() / scale)
+    assert error <= RELATIVE, f"{what}: relative error {error:.2e}"
+    return error
+
+
+@pytest.fixture(scope="module")
+def resnet() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    torch.manual_seed(1)
+    return torch.rand(2, 3, 64, 64)
+
+
+def pgc_raw(kind, model: nn.Module, layer: str, x: torch.Tensor, classes: list[int]) -> np.ndarray:
+    """pytorch-grad-cam's cam at the layer's resolution (its own get_cam_image on what it captured, then
+    np.maximum(cam, 0) as its compute_cam_per_layer), on a deep copy of the model (it calls backward)."""
+    twin = copy.deepcopy(model)
+    cam = kind(model=twin, target_layers=[twin.get_submodule(layer)])
+    try:
+        targets = [ClassifierOutputTarget(c) for c in classes]
+        cam(input_tensor=x, targets=targets)
+        acts = cam.activations_and_grads.activations[0].numpy()
+        grads = cam.activations_and_grads.gradients[0].numpy()
+        return np.maximum(cam.get_cam_image(x, cam.target_layers[0], targets, acts, grads, False), 0)
+    finally:
+        cam.activations_and_grads.release()
+
+
+# ------------------------------------------------------------------------------ element-wise Grad-CAM
+
+
+def test_elementwise_gradcam_is_its_formula_and_pytorch_grad_cams(resnet, images) -> None:
+    torch.manual_seed(2)
+    model = SpatialHead().double().eval()
+    x = torch.randn(3, 3, 6, 7, dtype=torch.float64)
+    targets = [0, 3, 1]
+    A, G = model.reference(x, targets)
+    expected = np.maximum(np.maximum(A * G, 0).sum(axis=1), 0)
+    ours = get("gradcam-elementwise")(model, "conv")(x, targets)
+    assert ours.method == "gradcam-elementwise"
+    assert_close(ours.raw, expected, "formula")
+    hires = get("hirescam")(model, "conv")(x, targets)
+    assert not torch.allclose(ours.raw, hires.raw), "on this network the clipping must matter"
+
+    classes = [3, 7]
+    ours = get("gradcam-elementwise")(resnet, "layer4")(images, classes)
+    theirs = pgc_raw(pgc.GradCAMElementWise, resnet, "layer4", images, classes)
+    error = assert_close(ours.raw, theirs, "vs pytorch-grad-cam")
+    print(f"gradcam-elementwise vs pytorch-grad-cam: {error:.1e}")
+    counter = get("gradcam-elementwise")(resnet, "layer4", counterfactual=True)(images, classes)
+    assert not torch.equal(counter.raw, ours.raw) and bool((counter.raw >= 0).all())
+
+
+# -------------------------------------------------------------------------------------------- CAM
+
+
+def test_cam_is_the_classifiers_weights_on_the_layer_and_torchcams(resnet, images) -> None:
+    classes = [3, 7]
+    ours = get("cam")(resnet, "layer4")(images, classes)
+    # By hand: the fc rows of the classes on layer4's activations (a forward of the model's own parts).
+    with torch.no_grad():
+        stem = nn.Sequential(*list(resnet.children())[:-2])
+        activations = stem(images)
+        by_hand = torch.relu(torch.einsum("bk,bkhw->bhw", resnet.fc.weight[classes], activations))
+    assert_close(ours.raw, by_hand.numpy(), "by hand")
+    # torchcam's CAM on the same weights, not normalised.
+    twin = copy.deepcopy(resnet)
+    with torchcam_methods.CAM(twin, "layer4", "fc", input_shape=(3, 64, 64)) as extractor:
+        with torch.no_grad():
+            scores = twin(images)
+        [theirs] = extractor(class_idx=classes, scores=scores, normalized=False)
+    assert bool((theirs < 0).any())  # torchcam's CAM is the paper's eq. 2, before the ReLU we keep
+    error = assert_close(ours.raw, np.maximum(theirs.numpy(), 0), "vs torchcam")
+    print(f"cam vs torchcam: {error:.1e}")
+    # Grad-CAM, section 3.1: where CAM applies, Grad-CAM's weights are w / Z, its map CAM's / (h w).
+    grad = get("gradcam")(resnet, "layer4")(images, classes)
+    h, w = ours.raw.shape[-2:]
+    assert_close(grad.raw * (h * w), ours.raw.numpy(), "gradcam x hw")
+    assert torch.isclose(ours.probs, grad.probs).all() and torch.equal(ours.targets, grad.targets)
+
+
+def test_cam_refuses_a_head_that_is_not_pooling_then_linear_in_one_line() -> None:
+    model = SpatialHead().eval()  # position-weighted sum, not an average pool: CAM does not apply
+    with pytest.raises(GradCAMError) as refused:
+        get("cam")(model, "mix")(torch.rand(2, 3, 6, 7), [0, 1])
+    message = str(refused.value)
+    assert "\n" not in message and "global average pool of 'mix'" in message and "gradcam" in message
+    resnet = torchvision.models.resnet18(num_classes=10).eval()
+    with pytest.raises(GradCAMError, match="global average pool of 'layer3'"):
+        get("cam")(resnet, "layer3")(torch.rand(1, 3, 64, 64), [0])  # a layer before the last stage
+    with pytest.raises(GradCAMError, match="class indices"):
+        get("cam")(resnet, "layer4")(torch.rand(1, 3, 64, 64), targets=lambda out: out[:, 0] - out[:, 1])
+
+
+def test_cam_is_in_the_registry_and_explains_through_the_pipeline() -> None:
+    names = gradcam.methods.names()
+    assert {"cam", "gradcam-elementwise"} <= set(names)
+    assert "Zhou et al., CVPR 2016" in gradcam.methods.describe("cam")
