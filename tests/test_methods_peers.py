@@ -133,3 +133,47 @@ def test_cam_is_in_the_registry_and_explains_through_the_pipeline() -> None:
     names = gradcam.methods.names()
     assert {"cam", "gradcam-elementwise"} <= set(names)
     assert "Zhou et al., CVPR 2016" in gradcam.methods.describe("cam")
+
+
+# ---------------------------------------------------------------------------------------- KPCA-CAM
+
+
+def kernel_pc(positions: np.ndarray, gamma: float) -> np.ndarray:
+    """The first kernel principal component in closed form: the centred sigmoid kernel's top eigenvector
+    u_1 times sqrt(lambda_1) (Schölkopf et al. 1998), by numpy's eigh (not scikit-learn)."""
+    kernel = np.tanh(gamma * positions @ positions.T + 1)
+    n = len(kernel)
+    ones = np.full((n, n), 1 / n)
+    centred = kernel - ones @ kernel - kernel @ ones + ones @ kernel @ ones
+    values, vectors = np.linalg.eigh(centred)
+    return vectors[:, -1] * np.sqrt(values[-1])
+
+
+def test_kpcacam_is_the_kernel_principal_component_and_pytorch_grad_cams(resnet, images) -> None:
+    with torch.no_grad():
+        activations = nn.Sequential(*list(resnet.children())[:-2])(images).double().numpy()
+    ours = get("kpcacam")(resnet, "layer4")(images, [3, 7])
+    twin = copy.deepcopy(resnet)
+    cam = pgc.KPCA_CAM(model=twin, target_layers=[twin.layer4])
+    try:
+        cam(input_tensor=images, targets=[ClassifierOutputTarget(3), ClassifierOutputTarget(7)])
+        theirs = cam.get_cam_image(
+            images, twin.layer4, None, cam.activations_and_grads.activations[0].numpy(), None, False
+        )
+    finally:
+        cam.activations_and_grads.release()
+    for b, a in enumerate(activations):
+        positions = a.reshape(len(a), -1).T
+        positions = positions - positions.mean(axis=0)
+        by_hand = kernel_pc(positions, 1 / len(a))
+        channel_sum = a.sum(axis=0).flatten()
+        sign = 1.0 if (by_hand * (channel_sum - channel_sum.mean())).sum() >= 0 else -1.0
+        expected = np.maximum(sign * by_hand, 0).reshape(a.shape[1:])
+        assert_close(ours.raw[b], expected, f"image {b} by hand")
+        # pytorch-grad-cam keeps scikit-learn's sign: equal to ours up to that sign, before the ReLU
+        theirs_signed = np.sign((theirs[b].flatten() * sign * by_hand).sum()) * theirs[b]
+        error = assert_close(
+            ours.raw[b], np.maximum(theirs_signed * 1.0, 0), f"image {b} vs pytorch-grad-cam"
+        )
+        print(f"kpcacam vs pytorch-grad-cam, image {b}: {error:.1e}")
+    torch.testing.assert_close(ours.raw, get("kpcacam")(resnet, "layer4")(images, [0, 0]).raw)  # no class

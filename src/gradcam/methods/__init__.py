@@ -7,7 +7,7 @@ from gradcam.methods.attention import AttentionRollout, GenericAttention
 from gradcam.methods.base import CAM, MapContext
 from gradcam.methods.baseline import RandomCAM
 from gradcam.methods.classic import ClassActivationMap
-from gradcam.methods.eigen import EigenCAM, EigenGradCAM
+from gradcam.methods.eigen import EigenCAM, EigenGradCAM, KernelPCACAM
 from gradcam.methods.gradient import (
     GradCAM,
     GradCAMElementWise,
@@ -51,6 +51,7 @@ __all__ = [
     "GuidedBackprop",
     "GuidedGradCAM",
     "HiResCAM",
+    "KernelPCACAM",
     "LayerCAM",
     "MapContext",
     "RandomCAM",

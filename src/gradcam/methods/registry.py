@@ -25,7 +25,7 @@ from gradcam.methods.attention import AttentionRollout, GenericAttention
 from gradcam.methods.base import CAM
 from gradcam.methods.baseline import RandomCAM
 from gradcam.methods.classic import ClassActivationMap
-from gradcam.methods.eigen import EigenCAM, EigenGradCAM
+from gradcam.methods.eigen import EigenCAM, EigenGradCAM, KernelPCACAM
 from gradcam.methods.gradient import (
     GradCAM,
     GradCAMElementWise,
@@ -114,6 +114,10 @@ _ENTRIES: tuple[Method, ...] = (
     Method(
         "eigengradcam", "cam", EigenGradCAM,
         "Eigen-Grad-CAM: first principal component of the gradient-weighted activations",
+    ),
+    Method(
+        "kpcacam", "cam", KernelPCACAM,
+        "KPCA-CAM (Karmani et al., 2024): first kernel principal component of the activations (sigmoid)",
     ),
     Method(
         "rollout", "attention", AttentionRollout,
