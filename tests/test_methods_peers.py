@@ -177,3 +177,46 @@ def test_kpcacam_is_the_kernel_principal_component_and_pytorch_grad_cams(resnet,
         )
         print(f"kpcacam vs pytorch-grad-cam, image {b}: {error:.1e}")
     torch.testing.assert_close(ours.raw, get("kpcacam")(resnet, "layer4")(images, [0, 0]).raw)  # no class
+
+
+# ---------------------------------------------------------------------------------------- Finer-CAM
+
+
+def test_finercam_is_gradcam_of_the_contrast_and_pytorch_grad_cams(resnet, images) -> None:
+    with torch.no_grad():
+        logits = resnet(images)
+    top = logits.argmax(dim=1)
+    nearest = torch.argsort((logits - logits.gather(1, top[:, None])).abs(), dim=1, stable=True)[:, 1:4]
+
+    def contrast(out: torch.Tensor) -> torch.Tensor:  # the paper's score, written out per image
+        p = out.softmax(dim=1)
+        rows = torch.arange(len(out))[:, None]
+        w, others = p[rows, nearest], out[rows, nearest]
+        return (w * (out.gather(1, top[:, None]) - 1.0 * others)).sum(1) / (w.sum(1) + 1e-9)
+
+    ours = get("finercam")(resnet, "layer4")(images)
+    assert ours.targets.tolist() == top.tolist() and ours.method == "finercam"
+    by_contrast = get("gradcam")(resnet, "layer4")(images, targets=contrast)
+    assert_close(ours.raw, by_contrast.raw.numpy(), "Grad-CAM of the contrast")
+    assert_close(ours.scores, contrast(logits).numpy(), "scores")
+    assert not torch.allclose(ours.raw, get("gradcam")(resnet, "layer4")(images).raw, rtol=1e-2)
+
+    twin = copy.deepcopy(resnet)
+    finer = pgc.FinerCAM(model=twin, target_layers=[twin.layer4])
+    try:
+        finer(input_tensor=images, targets=None, alpha=1.0)
+        found = finer.base_cam.activations_and_grads
+        acts, grads = found.activations[0].numpy(), found.gradients[0].numpy()
+        theirs = np.maximum(finer.base_cam.get_cam_image(images, twin.layer4, None, acts, grads, False), 0)
+    finally:
+        found.release()
+    error = assert_close(ours.raw, theirs, "vs pytorch-grad-cam")
+    print(f"finercam vs pytorch-grad-cam: {error:.1e}")
+    # alpha = 0: y = y^c sum p / (sum p + 1e-9), whose gradient is Grad-CAM's to within 1e-9 / sum p
+    plain = get("finercam")(resnet, "layer4", alpha=0.0)(images)
+    grad = get("gradcam")(resnet, "layer4")(images).raw
+    torch.testing.assert_close(plain.raw, grad, rtol=1e-4, atol=1e-4 * float(grad.abs().max()))
+    with pytest.raises(GradCAMError, match="compared must be ranks"):
+        get("finercam")(resnet, "layer4", compared=(0, 1))(images)
+    with pytest.raises(GradCAMError, match="class indices"):
+        get("finercam")(resnet, "layer4")(images, targets=lambda out: out[:, 0])

@@ -9,6 +9,7 @@ from gradcam.methods.baseline import RandomCAM
 from gradcam.methods.classic import ClassActivationMap
 from gradcam.methods.eigen import EigenCAM, EigenGradCAM, KernelPCACAM
 from gradcam.methods.gradient import (
+    FinerCAM,
     GradCAM,
     GradCAMElementWise,
     GradCAMPlusPlus,
@@ -44,6 +45,7 @@ __all__ = [
     "ClassActivationMap",
     "EigenCAM",
     "EigenGradCAM",
+    "FinerCAM",
     "GradCAM",
     "GradCAMElementWise",
     "GenericAttention",

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-import torch
+import math
+from collections.abc import Sequence
 
-from gradcam.methods.base import CAM, MapContext
+import torch
+from torch import nn
+
+from gradcam.errors import GradCAMError
+from gradcam.explanation import Explanation
+from gradcam.layouts import LayoutSpec
+from gradcam.methods.base import CAM, Chooser, Inputs, LayersSpec, MapContext
+from gradcam.targets import ClassRows, Rows, model_logits
+from gradcam.targets.contrast import COMPARED, ContrastRows
 
 
 class GradCAM(CAM):
@@ -144,3 +153,45 @@ class GradCAMElementWise(CAM):
         self, activations: torch.Tensor, gradients: torch.Tensor | None, context: MapContext
     ) -> torch.Tensor:
         return torch.relu(self.weighted_activations(activations, gradients, context).sum(dim=-3))
+
+
+class FinerCAM(GradCAM):
+    r"""Finer-CAM (Zhang et al., "Finer-CAM: Spotting the Difference Reveals Finer Details for Visual
+    Explanation", CVPR 2025): Grad-CAM of a class's score against the classes most like it.
+
+        y = sum_j p_j (y^c - alpha y^j) / sum_j p_j          (j: the ``compared`` nearest logits)
+        alpha_k = mean_{i,j} dy/dA^k_{ij},   L = ReLU( sum_k alpha_k A^k )
+
+    (:class:`gradcam.targets.contrast.ContrastRows`). What c shares with its look-alikes cancels, so the
+    map keeps the details that tell them apart; ``alpha=0`` is Grad-CAM. The classes explained are chosen
+    as for every method (top-1, given indices, top-k); the compared classes are those with the nearest
+    logits on the same forward.
+    """
+
+    method = "finercam"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayersSpec = None,
+        *,
+        alpha: float = 1.0,
+        compared: Sequence[int] = COMPARED,
+        counterfactual: bool = False,
+        layout: LayoutSpec | Sequence[LayoutSpec] = None,
+    ) -> None:
+        super().__init__(model, layer, counterfactual=counterfactual, layout=layout)
+        if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+            raise GradCAMError(f"alpha must be a finite number, got {alpha!r}")
+        self.alpha, self.compared = float(alpha), tuple(compared)
+
+    def explain_rows(
+        self, inputs: Inputs, choose: Chooser, *, eigen_smooth: bool = False, aug_smooth: bool = False
+    ) -> list[Explanation]:
+        def contrast(output: object) -> Rows:
+            rows = choose(output)
+            if type(rows) is not ClassRows:
+                raise GradCAMError("finercam contrasts a classifier's classes; explain class indices")
+            return ContrastRows(rows, model_logits(output, rows.batch), self.compared, self.alpha)
+
+        return super().explain_rows(inputs, contrast, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth)

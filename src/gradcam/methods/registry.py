@@ -27,6 +27,7 @@ from gradcam.methods.baseline import RandomCAM
 from gradcam.methods.classic import ClassActivationMap
 from gradcam.methods.eigen import EigenCAM, EigenGradCAM, KernelPCACAM
 from gradcam.methods.gradient import (
+    FinerCAM,
     GradCAM,
     GradCAMElementWise,
     GradCAMPlusPlus,
@@ -92,6 +93,10 @@ _ENTRIES: tuple[Method, ...] = (
     Method(
         "gradcam-elementwise", "cam", GradCAMElementWise,
         "Element-wise Grad-CAM (pytorch-grad-cam): ReLU(sum_k ReLU(dy/dA^k * A^k))",
+    ),
+    Method(
+        "finercam", "cam", FinerCAM,
+        "Finer-CAM (Zhang et al., CVPR 2025): Grad-CAM of the class against its most similar classes",
     ),
     Method(
         "cam", "cam", ClassActivationMap,

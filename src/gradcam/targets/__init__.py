@@ -4,6 +4,7 @@
 * :mod:`gradcam.targets.functions`: callables output -> (B,) scores (:class:`Segmentation`,
   :class:`Sigmoid`, :class:`Regression`, :class:`Similarity`, or any function);
 * :mod:`gradcam.targets.detection`: :class:`Box` and a detector's own :class:`Detections`;
+* :mod:`gradcam.targets.contrast`: a class against its most similar classes (Finer-CAM's rows);
 * :mod:`gradcam.targets.rows`: the chosen targets of a batch as (N,B) rows, what every method reads.
 """
 
