@@ -220,3 +220,50 @@ def test_finercam_is_gradcam_of_the_contrast_and_pytorch_grad_cams(resnet, image
         get("finercam")(resnet, "layer4", compared=(0, 1))(images)
     with pytest.raises(GradCAMError, match="class indices"):
         get("finercam")(resnet, "layer4")(images, targets=lambda out: out[:, 0])
+
+
+# -------------------------------------------------------------------------------------- Shapley-CAM
+
+
+def raw_of(cam, x: torch.Tensor, targets: list) -> np.ndarray:
+    """A pytorch-grad-cam method's map at the layer's resolution: what its get_cam_image returned inside
+    the call, then np.maximum(cam, 0) as its compute_cam_per_layer."""
+    recorded = []
+    original = cam.get_cam_image
+    cam.get_cam_image = lambda *args, **kwargs: recorded.append(original(*args, **kwargs)) or recorded[-1]
+    try:
+        cam(input_tensor=x, targets=targets)
+    finally:
+        cam.activations_and_grads.release()
+    return np.maximum(recorded[0], 0)
+
+
+def test_shapleycam_is_its_second_order_formula_and_pytorch_grad_cams(resnet, images) -> None:
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputReST
+
+    classes = [3, 7]
+    stem = nn.Sequential(*list(resnet.children())[:-2])
+    activations = stem(images).detach().requires_grad_(True)
+    logits = resnet.fc(torch.flatten(resnet.avgpool(activations), 1))
+    rest = 2 * logits[torch.arange(2), classes] - torch.logsumexp(logits, dim=1)
+    (g,) = torch.autograd.grad(rest.sum(), activations, create_graph=True)
+    (hvp,) = torch.autograd.grad(g, activations, activations.detach())
+    assert hvp.abs().max() > 1e-3 * g.abs().max(), "the ReST target must be curved here"
+    weights = (g - 0.5 * hvp).mean(dim=(2, 3))
+    by_hand = torch.relu(torch.einsum("bk,bkhw->bhw", weights, activations)).detach()
+    ours = get("shapleycam")(resnet, "layer4")(images, classes)
+    assert_close(ours.raw, by_hand.numpy(), "by hand")
+    assert_close(ours.scores, rest.detach().numpy(), "ReST scores")
+    twin = copy.deepcopy(resnet)
+    theirs = raw_of(
+        pgc.ShapleyCAM(model=twin, target_layers=[twin.layer4]),
+        images,
+        [ClassifierOutputReST(c) for c in classes],
+    )
+    error = assert_close(ours.raw, theirs, "vs pytorch-grad-cam")
+    print(f"shapleycam vs pytorch-grad-cam: {error:.1e}")
+    # On the logit, whose Hessian after layer4 is zero (pooling and a linear layer), it is Grad-CAM.
+    logit = get("shapleycam")(resnet, "layer4", rest=False)(images, classes)
+    assert_close(logit.raw, get("gradcam")(resnet, "layer4")(images, classes).raw.numpy(), "rest=False")
+    two = get("shapleycam")(resnet, "layer4")(images, topk=2)  # rows one by one
+    assert_close(two.raw[0], get("shapleycam")(resnet, "layer4")(images).raw.numpy(), "row 0 of topk")

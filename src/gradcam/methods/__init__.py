@@ -15,6 +15,7 @@ from gradcam.methods.gradient import (
     GradCAMPlusPlus,
     HiResCAM,
     LayerCAM,
+    ShapleyCAM,
     XGradCAM,
 )
 from gradcam.methods.guided import GuidedBackprop, GuidedGradCAM
@@ -58,6 +59,7 @@ __all__ = [
     "MapContext",
     "RandomCAM",
     "ScoreCAM",
+    "ShapleyCAM",
     "XGradCAM",
     "describe",
     "registry",

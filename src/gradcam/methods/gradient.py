@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -11,9 +11,9 @@ from torch import nn
 from gradcam.errors import GradCAMError
 from gradcam.explanation import Explanation
 from gradcam.layouts import LayoutSpec
-from gradcam.methods.base import CAM, Chooser, Inputs, LayersSpec, MapContext
+from gradcam.methods.base import CAM, Chooser, Inputs, LayersSpec, MapContext, _no_gradient
 from gradcam.targets import ClassRows, Rows, model_logits
-from gradcam.targets.contrast import COMPARED, ContrastRows
+from gradcam.targets.contrast import COMPARED, ContrastRows, ResidualSoftmaxRows
 
 
 class GradCAM(CAM):
@@ -195,3 +195,71 @@ class FinerCAM(GradCAM):
             return ContrastRows(rows, model_logits(output, rows.batch), self.compared, self.alpha)
 
         return super().explain_rows(inputs, contrast, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth)
+
+
+class ShapleyCAM(GradCAM):
+    r"""Shapley-CAM (Cai, "CAMs as Shapley Value-based Explainers", 2025): Grad-CAM's channel weights
+    from a second-order Taylor view of the score, the gradient minus half the Hessian-vector product along
+    the activations themselves,
+
+        alpha_k = mean_{i,j} ( dy/dA^k_{ij} - 1/2 (H_A A)^k_{ij} ),   H_A A = d/dA <dy/dA, A>
+        L = ReLU( sum_k alpha_k A^k )
+
+    with y the residual softmax target of the explained class (``rest=True``,
+    :class:`gradcam.targets.contrast.ResidualSoftmaxRows`, as the paper pairs them) or its logit
+    (``rest=False``; behind a layer followed only by ReLUs, pooling and linear maps the logit's Hessian is
+    zero and the map is Grad-CAM's). One double backward per target row.
+    """
+
+    method = "shapleycam"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayersSpec = None,
+        *,
+        rest: bool = True,
+        counterfactual: bool = False,
+        layout: LayoutSpec | Sequence[LayoutSpec] = None,
+    ) -> None:
+        super().__init__(model, layer, counterfactual=counterfactual, layout=layout)
+        self.rest = bool(rest)
+
+    def explain_rows(
+        self, inputs: Inputs, choose: Chooser, *, eigen_smooth: bool = False, aug_smooth: bool = False
+    ) -> list[Explanation]:
+        def residual(output: object) -> Rows:
+            rows = choose(output)
+            if not self.rest:
+                return rows
+            if type(rows) is not ClassRows:
+                raise GradCAMError(
+                    "shapleycam's ReST target needs a classifier's classes; or pass rest=False"
+                )
+            return ResidualSoftmaxRows(rows)
+
+        return super().explain_rows(inputs, residual, eigen_smooth=eigen_smooth, aug_smooth=aug_smooth)
+
+    def _gradient_chunks(
+        self, scores: torch.Tensor, activations: list[torch.Tensor], first: str, nothing: bool = False
+    ) -> Iterator[tuple[slice, Sequence[torch.Tensor | None]]]:
+        if nothing:
+            yield from super()._gradient_chunks(scores, activations, first, nothing)
+            return
+        if not scores.requires_grad:
+            raise GradCAMError(_no_gradient(first))
+        for n in range(scores.shape[0]):
+            grads = torch.autograd.grad(scores[n].sum(), activations, create_graph=True, allow_unused=True)
+            second = []
+            for grad, activation in zip(grads, activations, strict=True):
+                if grad is None:
+                    second.append(None)
+                    continue
+                hvp = None
+                if grad.requires_grad:  # else the score is linear in A: no second-order term
+                    (hvp,) = torch.autograd.grad(
+                        grad, activation, activation.detach(), retain_graph=True, allow_unused=True
+                    )
+                term = grad.detach() if hvp is None else grad.detach() - 0.5 * hvp.detach()
+                second.append(term[None])
+            yield slice(n, n + 1), second

@@ -33,6 +33,7 @@ from gradcam.methods.gradient import (
     GradCAMPlusPlus,
     HiResCAM,
     LayerCAM,
+    ShapleyCAM,
     XGradCAM,
 )
 from gradcam.methods.guided import GuidedBackprop, GuidedGradCAM
@@ -93,6 +94,10 @@ _ENTRIES: tuple[Method, ...] = (
     Method(
         "gradcam-elementwise", "cam", GradCAMElementWise,
         "Element-wise Grad-CAM (pytorch-grad-cam): ReLU(sum_k ReLU(dy/dA^k * A^k))",
+    ),
+    Method(
+        "shapleycam", "cam", ShapleyCAM,
+        "Shapley-CAM (Cai, 2025): mean of gradient minus half the Hessian-vector product, ReST target",
     ),
     Method(
         "finercam", "cam", FinerCAM,

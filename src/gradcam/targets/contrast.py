@@ -61,3 +61,28 @@ class ContrastRows(ClassRows):
         copies = torch.arange(len(logits), device=logits.device)[:, None, None]
         own = logits[:, self.ids[:, index]]  # (n, N)
         return self._contrast(logits, own, self.compared[:, index][None], (copies,))
+
+
+class ResidualSoftmaxRows(ClassRows):
+    r"""The residual softmax target (ReST) of Cai, "CAMs as Shapley Value-based Explainers", 2025: the
+    pre-softmax score plus the log of the post-softmax one,
+
+        y = y^c + log softmax(y)_c = 2 y^c - log sum_j exp(y^j)
+
+    (pytorch-grad-cam's ``ClassifierOutputReST``: y^c minus the cross-entropy of class c). Unlike the
+    logit alone it is curved in the activations, so second-order methods (Shapley-CAM) see more than
+    the gradient.
+    """
+
+    def __init__(self, rows: ClassRows) -> None:
+        super().__init__(rows.ids, rows.batch, rows.wanted)
+
+    def scores(self, output: object) -> torch.Tensor:
+        logits = self.logits(output)
+        return 2 * logits.gather(1, self.ids.T).T - torch.logsumexp(logits, dim=1)[None]
+
+    def image_scores(self, index: int, output: object, probability: bool = False) -> torch.Tensor:
+        if probability:
+            return super().image_scores(index, output, probability)
+        logits = model_logits(output)
+        return 2 * logits[:, self.ids[:, index]] - torch.logsumexp(logits, dim=1, keepdim=True)
