@@ -49,6 +49,20 @@ def serve(
     ] = None,
     max_upload: Annotated[float, typer.Option(min=0.001, help="Largest upload in MB (413 above).")] = 20.0,
     max_pixels: Annotated[int, typer.Option(min=1, help="Largest image in pixels (413 above).")] = 50_000_000,
+    max_decoding_pixels: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Pixels decoded at once, all uploads together (503 with Retry-After above; "
+            "default: twice --max-pixels).",
+        ),
+    ] = None,
+    read_timeout: Annotated[
+        float, typer.Option(min=0.001, help="Seconds a request body may stall between two chunks (then 408).")
+    ] = 15.0,
+    body_timeout: Annotated[
+        float, typer.Option(min=0.001, help="Seconds a whole request body may take to arrive (then 408).")
+    ] = 120.0,
     workers: Annotated[int, typer.Option(min=1, max=64, help="Threads running models.")] = 2,
     max_batch: Annotated[
         int, typer.Option(min=1, max=256, help="Most images merged into one forward/backward.")
@@ -85,19 +99,25 @@ def serve(
     def loader(name: str, device: str | None = None) -> models.LoadedModel:
         return models.load(name, pretrained=not random_weights, device=device)
 
-    settings = ServeSettings(
-        models=chosen,
-        device=device,
-        max_upload=int(max_upload * MEGABYTE),
-        max_pixels=max_pixels,
-        db_url=db,
-        admin_token=token,
-        study_images=study_images,
-        workers=workers,
-        max_batch=max_batch,
-        slow_methods=slow_methods,
-        loader=loader,
-    )
+    try:
+        settings = ServeSettings(
+            models=chosen,
+            device=device,
+            max_upload=int(max_upload * MEGABYTE),
+            max_pixels=max_pixels,
+            max_decoding_pixels=max_decoding_pixels,
+            read_timeout=read_timeout,
+            body_timeout=body_timeout,
+            db_url=db,
+            admin_token=token,
+            study_images=study_images,
+            workers=workers,
+            max_batch=max_batch,
+            slow_methods=slow_methods,
+            loader=loader,
+        )
+    except GradCAMError as error:  # limits that contradict each other, named by their options
+        raise fail(str(error)) from None
     _check_port_free(host, port)
     try:
         application = create_app(settings)

@@ -2,14 +2,14 @@
 
 :func:`create_app` builds the shared resources and hangs them on ``app.state`` (the settings, the
 :class:`~gradcam.models.pool.ModelPool`, the study store and its background jobs; the batcher and its
-worker pool once the app starts), installs the size limits, security headers and exception handlers
-(:mod:`gradcam.serve.errors`), and includes the module-level routers (:mod:`gradcam.serve.routers`),
-which reach the resources through :mod:`gradcam.serve.dependencies`.
+worker pool once the app starts), installs the upload limits (:mod:`gradcam.serve.limits`: size, pace
+and the pixels decoded at once), security headers and exception handlers (:mod:`gradcam.serve.errors`),
+and includes the module-level routers (:mod:`gradcam.serve.routers`), which reach the resources through
+:mod:`gradcam.serve.dependencies`.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -23,7 +23,7 @@ from gradcam import models
 from gradcam.models.pool import ModelPool
 from gradcam.serve import errors
 from gradcam.serve.batcher import Batcher
-from gradcam.serve.limits import MEGABYTE, DeclaredSizeLimit
+from gradcam.serve.limits import MEGABYTE, BodyTimeout, DeclaredSizeLimit, DecodingBudget
 from gradcam.serve.routers import admin, explain, pages, study
 from gradcam.serve.routers.pages import STATIC
 from gradcam.serve.settings import ServeSettings
@@ -82,10 +82,12 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     )
     app.state.settings, app.state.pool, app.state.study_store = settings, pool, store
     app.state.study_jobs = StudyJobs(store, pool, capacity=settings.study_queue)
-    # Decoding holds a full-size picture; only this many at once (the batcher then holds small tensors).
-    app.state.decoding = asyncio.Semaphore(max(2, 2 * settings.workers))
+    # Decoding holds a full-size picture: only this many pixels at once, all uploads together (more: 503;
+    # the batcher then holds small tensors).
+    app.state.decoding = DecodingBudget(settings.decoding_budget)
     app.add_middleware(RequestBodyLimitMiddleware, max_body_size=settings.max_upload)
-    app.add_middleware(DeclaredSizeLimit, max_body_size=settings.max_upload)  # outermost: runs first
+    app.add_middleware(BodyTimeout, read_timeout=settings.read_timeout, body_timeout=settings.body_timeout)
+    app.add_middleware(DeclaredSizeLimit, max_body_size=settings.max_upload)  # before the body is read
     app.middleware("http")(_security_headers)
     errors.install(app)
     for router in (explain.router, admin.router, study.router, pages.router):

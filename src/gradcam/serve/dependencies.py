@@ -7,7 +7,6 @@ test can build an app with resources of its own.
 
 from __future__ import annotations
 
-import asyncio
 import secrets
 from typing import Annotated
 
@@ -16,6 +15,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from gradcam.models.pool import ModelPool
 from gradcam.serve.batcher import Batcher
+from gradcam.serve.limits import DecodingBudget
 from gradcam.serve.settings import ServeSettings
 from gradcam.study.jobs import StudyJobs
 from gradcam.study.store import StudyStore
@@ -33,8 +33,8 @@ def get_batcher(request: Request) -> Batcher:
     return request.app.state.batcher
 
 
-def get_decoding(request: Request) -> asyncio.Semaphore:
-    """Bounds the uploads decoded at once (each holds a full-size picture)."""
+def get_decoding(request: Request) -> DecodingBudget:
+    """Bounds the pixels of the uploads decoded at once (each holds a full-size picture)."""
     return request.app.state.decoding
 
 
@@ -49,7 +49,7 @@ def get_jobs(request: Request) -> StudyJobs:
 Settings = Annotated[ServeSettings, Depends(get_settings)]
 Pool = Annotated[ModelPool, Depends(get_pool)]
 BatcherDep = Annotated[Batcher, Depends(get_batcher)]
-Decoding = Annotated[asyncio.Semaphore, Depends(get_decoding)]
+Decoding = Annotated[DecodingBudget, Depends(get_decoding)]
 Store = Annotated[StudyStore, Depends(get_store)]
 Jobs = Annotated[StudyJobs, Depends(get_jobs)]
 

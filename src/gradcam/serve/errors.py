@@ -2,14 +2,15 @@
 (``{"detail": "..."}``) here, once; routes raise the domain's errors and never translate them.
 
 - :class:`~gradcam.errors.ImageLoadError`: 413 over the pixel limit, 415 not an image, else 422;
-- :class:`~gradcam.serve.batcher.Overloaded` (too many images waiting) and
+- :class:`~gradcam.serve.batcher.Overloaded` (too many images waiting),
+  :class:`~gradcam.serve.limits.DecodingBusy` (too many pixels being decoded) and
   :class:`~gradcam.study.jobs.Busy` (too many studies waiting): 503 with Retry-After;
 - :class:`~gradcam.study.store.NotFound`: 404 (a study, rater, pair, folder or annotations file);
 - :class:`~gradcam.study.store.DuplicateRating` and :class:`~gradcam.study.store.NotReady`: 409;
 - any other :class:`~gradcam.errors.GradCAMError` (a bad field, an unserved model): 422;
 - ``RuntimeError``: 500, the model's own code failed on this input;
 - request validation: 422 naming the first invalid field; HTTP errors keep their status (413 from the
-  body limit names ``--max-upload``).
+  body limit names ``--max-upload``; 408 from :class:`~gradcam.serve.limits.BodyTimeout` names its option).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gradcam.errors import GradCAMError, ImageLoadError
 from gradcam.serve.batcher import Overloaded
-from gradcam.serve.limits import too_large_message
+from gradcam.serve.limits import DecodingBusy, too_large_message
 from gradcam.study.jobs import Busy
 from gradcam.study.store import DuplicateRating, NotFound, NotReady, StudyError
 
@@ -89,6 +90,7 @@ def install(app: FastAPI) -> None:
         app.add_exception_handler(error_type, _fixed(status))
     app.add_exception_handler(ImageLoadError, _image_error)
     app.add_exception_handler(Overloaded, _busy)
+    app.add_exception_handler(DecodingBusy, _busy)
     app.add_exception_handler(Busy, _busy)
     app.add_exception_handler(RuntimeError, _model_failure)
     app.add_exception_handler(RequestValidationError, _invalid)

@@ -6,9 +6,10 @@ the classes a detector's detections are kept of; ``min_score`` and ``topk`` choo
 detections. A target carries its task's numbers (``detection``: box, score; ``mask``: the predicted mask
 as a PNG, its area), which the web app draws over the picture.
 
-Model work never runs on the event loop: uploads are decoded (a few at a time) and PNGs encoded in the
-thread pool, and explanations go through the :class:`~gradcam.serve.batcher.Batcher` into a bounded pool
-of worker threads, concurrent requests for one model, method and layer merged into one forward/backward.
+Model work never runs on the event loop: uploads are decoded (within a budget of pixels decoded at once)
+and PNGs encoded in the thread pool, and explanations go through the
+:class:`~gradcam.serve.batcher.Batcher` into a bounded pool of worker threads, concurrent requests for
+one model, method and layer merged into one forward/backward.
 """
 
 from __future__ import annotations
@@ -52,17 +53,33 @@ from gradcam.serve.schemas import (
 )
 
 ERRORS = {
+    408: {
+        "model": Problem,
+        "description": "The body arrived too slowly (--read-timeout between chunks, --body-timeout in all).",
+    },
     413: {
         "model": Problem,
         "description": "The upload is over --max-upload, or the image over the pixel limit.",
     },
-    415: {"model": Problem, "description": "The upload is not an image format the server reads."},
+    415: {
+        "model": Problem,
+        "description": "The upload is not a JPEG, PNG, WebP, GIF, BMP or TIFF image (no other is tried).",
+    },
     422: {"model": Problem, "description": "A corrupt image, or a field out of range or unknown."},
-    503: {"model": Problem, "description": "Too many images waiting; retry after the Retry-After seconds."},
+    503: {
+        "model": Problem,
+        "description": "Too many images waiting, or too many pixels being decoded at once "
+        "(--max-decoding-pixels); retry after the Retry-After seconds.",
+    },
 }
 
 ImageField = Annotated[
-    UploadFile, File(description="The image: any format Pillow reads (JPEG, PNG, WebP ...).")
+    UploadFile,
+    File(
+        description="The image: JPEG, PNG, WebP, GIF, BMP or TIFF (any other format: 415), at most "
+        "--max-pixels pixels (413, told from its header before it is decoded); of an animated or "
+        "multi-page file, the first frame."
+    ),
 ]
 TargetField = Annotated[
     list[str] | None,
@@ -195,17 +212,21 @@ def _check_request(
 async def _read_image(
     image: UploadFile, for_models: list[str], pool: Pool, settings: Settings, decoding: Decoding
 ) -> tuple[tuple[int, int], dict[str, Prepared]]:
-    """Decode the upload and prepare it for each model; the full-size picture is dropped here."""
+    """Decode the upload (of :data:`gradcam.io.UPLOAD_FORMATS` only) and prepare it for each model; the
+    full-size picture is dropped here. Its pixels, known from its header, are reserved in the decoding
+    budget before any is decoded, and held until it is prepared (none left: 503, never a queue)."""
     data = await image.read()
     # The name is only shown back in messages: never a path.
     name = "image" if not image.filename else f"image '{image.filename[:80]}'"
 
     def decode_and_prepare() -> tuple[tuple[int, int], dict[str, Prepared]]:
-        picture = io.decode_image(data, name, max_pixels=settings.max_pixels)
-        return picture.size, {m: prepare(pool.get(m), picture) for m in dict.fromkeys(for_models)}
+        with decoding.share() as reserve:
+            picture = io.decode_image(
+                data, name, max_pixels=settings.max_pixels, formats=io.UPLOAD_FORMATS, reserve=reserve
+            )
+            return picture.size, {m: prepare(pool.get(m), picture) for m in dict.fromkeys(for_models)}
 
-    async with decoding:
-        return await run_in_threadpool(decode_and_prepare)
+    return await run_in_threadpool(decode_and_prepare)
 
 
 async def _explain_one(
