@@ -91,6 +91,30 @@ class SpatialHead(nn.Module):
         return activations.detach().numpy(), gradients.numpy()
 
 
+def tiny_classifier(name: str, device: str | None = None) -> Any:
+    """A stand-in for ``models.load`` (a ModelPool's or ServeSettings' ``loader``): a
+    :class:`TinyHead` on 32x32 inputs with classes cat, dog, fish, the same weights under every name,
+    so two of them always agree on an image (as a study's stronger and weaker model must)."""
+    from gradcam.models import LoadedModel
+    from gradcam.models.base import Preprocess
+
+    generator = torch.Generator().manual_seed(0)
+    module = TinyHead()
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+    preprocess = Preprocess(resize=32, crop=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    return LoadedModel(name, module.eval(), preprocess, ["cat", "dog", "fish"])
+
+
+def new_rater(store: Any, study_id: str) -> str:
+    """A new rater of a study in ``store`` (a StudyStore), by invitation where the store has them, else
+    by the older self-issued rater id."""
+    if hasattr(store, "invite"):
+        return store.invite(study_id)[0].rater
+    return store.issue_rater(study_id)
+
+
 def tiny_vit_options(**overrides: object) -> dict[str, object]:
     """The small Hugging Face ViT/DeiT config the transformer tests share (2 layers, 2 heads, width 32);
     ``overrides`` set the image and patch size, labels, attention implementation."""

@@ -3,7 +3,11 @@
 An image is kept only when both models put the same class first, and, when annotations are given, that
 class is one the image is annotated with: the raters then judge two explanations of one correct decision,
 not which model is right. Unreadable images, images missing from the annotations and images the models
-disagree on are skipped, each with its reason.
+disagree on are skipped, each with its reason. So is an image that resolves outside its folder (a
+symlink to a file elsewhere, :func:`escapes`): a study shows only what its folder holds, and a link
+must not carry a file from elsewhere on the server into the raters' pictures. A symlink that stays in
+the folder is followed; symlinked subfolders are not walked, and one leading outside is reported in the
+same way (:func:`list_images`).
 
 For every kept image and every method, each model's picture for the shared class is rendered once, now:
 the guided picture for the pixel methods (guided-backprop and guided-gradcam), the map over the picture
@@ -18,7 +22,7 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import torch
 from PIL import Image
@@ -33,6 +37,7 @@ from gradcam.metrics.annotations import load_annotations
 from gradcam.models import LoadedModel, model_device
 from gradcam.models.pool import ModelPool
 from gradcam.pipeline import Explainer, Result
+from gradcam.study.folders import inside
 from gradcam.study.store import PairRow, Skipped
 from gradcam.targets import parse_class
 
@@ -42,6 +47,8 @@ STUDY_KINDS = ("cam", "pixel")
 PICTURE_SIZE = 512
 #: Images explained together (one explain step per model for each chunk).
 CHUNK = 8
+#: Why an image that resolves outside its folder is skipped.
+ESCAPES = "not used: it is a symlink to outside the study folder"
 
 
 @dataclass
@@ -55,8 +62,25 @@ class Selection:
 
 def list_images(folder: Path) -> list[tuple[str, Path]]:
     """The images under ``folder`` (recursively; hidden files skipped) as (name relative to the folder,
-    path), sorted by name."""
-    return sorted((path.relative_to(folder).as_posix(), path) for path in collect_images([folder]))
+    path), sorted by name. Symlinked files are listed as they are, and so is a symlinked subfolder that
+    leads outside the folder (named with a trailing "/"; symlinked subfolders are never walked):
+    :func:`build_pairs` skips every entry that resolves outside the folder (:func:`escapes`) and says so,
+    so that a study owner learns why those images are missing."""
+    images = [(path.relative_to(folder).as_posix(), path) for path in collect_images([folder])]
+    links = [
+        (path.relative_to(folder).as_posix() + "/", path)
+        for path in folder.rglob("*")
+        if path.is_symlink() and path.is_dir() and not path.name.startswith(".") and not inside(path, folder)
+    ]
+    return sorted(images + links)
+
+
+def escapes(name: str, path: Path) -> bool:
+    """Whether the image at ``path``, named ``name`` relative to its folder (as :func:`list_images` names
+    it), resolves outside that folder. When ``path`` does not end in ``name``, its folder is its parent."""
+    parts = PurePosixPath(name).parts
+    ends_in_name = 0 < len(parts) <= len(path.parents) and path.parts[-len(parts) :] == parts
+    return not inside(path, path.parents[len(parts) - 1] if ends_in_name else path.parent)
 
 
 def nothing_kept(chosen: Selection) -> str:
@@ -255,6 +279,9 @@ def _selectable(
 ) -> list[tuple[str, Image.Image]]:
     out = []
     for name, path in chunk:
+        if escapes(name, path):
+            skipped.append(Skipped(name, ESCAPES))
+            continue
         if annotations is not None and annotated_classes(annotations, name) is None:
             skipped.append(Skipped(name, "not in the annotations"))
             continue

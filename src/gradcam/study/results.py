@@ -13,6 +13,15 @@ ratings as independent draws; it does not model that one rater gives several rat
 bootstrap would give wider intervals when raters differ systematically). With fewer than two ratings
 there is no interval (null, with a note); when every score is equal the resamples have no spread, so the
 interval is reported as [mean, mean] with a note saying so.
+
+The CSV is safe to open in a spreadsheet (OWASP's advice on CSV injection): a text cell that a
+spreadsheet would read as a formula, one starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage
+return (an image named ``=HYPERLINK("http://x","y")``, a class ``@SUM(A1)``), gets a single quote in
+front, so it is shown as the text it is; a number such as ``-1.5`` or ``-2`` stays a number, and the ids
+the server makes (study, pair, rater: random URL-safe tokens or integers, which can start with ``-`` but
+cannot call a function) stay as the API gives them, so the file can be joined with it. Every text cell
+is quoted as well, so that a spreadsheet splitting the line at another separator (``;`` in some
+locales, a tab) cannot start a new cell in the middle of a name.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import csv
 import inspect
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -51,6 +61,12 @@ CSV_COLUMNS = (
     "score",
     "time",
 )
+#: Columns of ids the server makes: written as they are (see the module docstring).
+_ID_COLUMNS = frozenset({"study", "pair", "rater"})
+#: What a spreadsheet reads as the start of a formula (OWASP, CSV injection).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+#: A plain decimal number (optionally signed, with an exponent): left as it is.
+_NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 
 @dataclass(frozen=True)
@@ -163,27 +179,37 @@ def results_dict(results: StudyResults) -> dict:
     }
 
 
+def spreadsheet_safe(value: object) -> object:
+    """``value`` as a CSV cell a spreadsheet shows as text: a string that starts like a formula and is
+    not a number gets a leading single quote; numbers and every other value are left as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS) and not _NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
 def ratings_csv(study: StudyRow, ratings: Sequence[Rating]) -> str:
-    """The raw ratings as CSV text (:data:`CSV_COLUMNS`; time in ISO 8601 UTC)."""
+    """The raw ratings as CSV text (:data:`CSV_COLUMNS`; time in ISO 8601 UTC), safe to open in a
+    spreadsheet: text cells that would be read as formulas are escaped (module docstring)."""
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
     writer.writerow(CSV_COLUMNS)
     for r in ratings:
+        row = [
+            r.study,
+            r.pair,
+            r.image,
+            r.class_index,
+            r.class_name,
+            r.method,
+            study.stronger_model,
+            study.weaker_model,
+            r.stronger_side,
+            r.rater,
+            r.answer,
+            r.score,
+            r.created.isoformat(timespec="seconds"),
+        ]
         writer.writerow(
-            [
-                r.study,
-                r.pair,
-                r.image,
-                r.class_index,
-                r.class_name,
-                r.method,
-                study.stronger_model,
-                study.weaker_model,
-                r.stronger_side,
-                r.rater,
-                r.answer,
-                r.score,
-                r.created.isoformat(timespec="seconds"),
-            ]
+            [v if c in _ID_COLUMNS else spreadsheet_safe(v) for c, v in zip(CSV_COLUMNS, row, strict=True)]
         )
     return buffer.getvalue()
