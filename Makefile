@@ -25,6 +25,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed-test
 	-.ci/install-chromium
+	-.ci/install-postgresql
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/python -m pytest
 

@@ -1,13 +1,17 @@
-"""Shared fixtures: small networks whose maps can be derived by hand or checked against captum."""
+"""Shared fixtures: small networks whose maps can be derived by hand or checked against captum, and a
+throwaway PostgreSQL server for the study's database tests."""
 
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -154,3 +158,149 @@ def run_gradcam(*args: str, timeout: float = 600) -> subprocess.CompletedProcess
         timeout=timeout,
         env={**os.environ, "COLUMNS": "200"},
     )
+
+
+def _missing(reason: str) -> None:
+    """Skip the calling test with ``reason``, or fail it under ``GRADCAM_REQUIRE_ALL=1`` (as :func:`require`
+    does for a missing module or tool)."""
+    if os.environ.get(REQUIRE_ALL) == "1":
+        pytest.fail(f"{reason}, and {REQUIRE_ALL}=1 makes that a failure", pytrace=False)
+    pytest.skip(reason)
+
+
+#: Where Debian installs PostgreSQL's server programs, one folder per major version
+#: (.ci/install-postgresql installs them).
+POSTGRES_LIB = Path("/usr/lib/postgresql")
+#: The zone the test server runs in: not UTC, so that a timestamp read back in the server's zone shows.
+POSTGRES_TIMEZONE = "Asia/Kathmandu"
+
+
+def postgres_programs() -> Path | None:
+    """The folder of the newest PostgreSQL server programs (initdb, pg_ctl): Debian's, else any initdb on
+    PATH; None when there is none."""
+    debian = [p.parent for p in POSTGRES_LIB.glob("*/bin/initdb") if p.parent.parent.name.isdigit()]
+    if debian:
+        return max(debian, key=lambda p: int(p.parent.name))
+    found = shutil.which("initdb")
+    return Path(found).parent if found else None
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of its own in a temporary folder: listening only on a Unix socket there (no
+    TCP), trust authentication for the superuser ``postgres`` (the socket's folder is open to its owner
+    only), fsync off (nothing in it outlives the session). Run as root, the cluster runs as the
+    ``postgres`` user, which owns the folder (PostgreSQL refuses to run as root).
+
+    :meth:`new_database` makes an empty database and gives its SQLAlchemy URL
+    (``postgresql+psycopg://postgres@/<name>?host=<socket folder>``), so each test has a database of its
+    own; any process on this machine can use the URL (two services sharing one database, say)."""
+
+    def __init__(self, programs: Path, base: Path) -> None:
+        self.programs, self.base = programs, base
+        self.data, self.socket, self.log = base / "data", base / "socket", base / "server.log"
+        self._names = itertools.count(1)
+        self._as_owner: list[str] = []
+        if os.geteuid() == 0:
+            import pwd
+
+            owner = pwd.getpwnam("postgres")
+            self._as_owner = [shutil.which("runuser") or "/usr/sbin/runuser", "-u", "postgres", "--"]
+            os.chown(base, owner.pw_uid, owner.pw_gid)
+        self.socket.mkdir(mode=0o700)
+        if self._as_owner:
+            os.chown(self.socket, owner.pw_uid, owner.pw_gid)
+
+    def _run(self, program: str, *args: str, timeout: float = 60) -> None:
+        command = [*self._as_owner, str(self.programs / program), *args]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=self._env())
+        if done.returncode != 0:
+            log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            raise RuntimeError(f"{program} {' '.join(args)} failed: {done.stderr.strip()}\n{log}")
+
+    def _env(self) -> dict[str, str]:
+        return {**os.environ, "LC_ALL": "C", "LANG": "C"}
+
+    def _pg_ctl(self, action: str, *args: str) -> None:
+        """pg_ctl ``action``, waiting (at most a minute) until it is done."""
+        where = ("-D", str(self.data), "-l", str(self.log))
+        self._run("pg_ctl", action, *where, "-w", "-t", "60", *args, timeout=90)
+
+    def start(self) -> None:
+        """initdb, then start the server and wait until it accepts connections."""
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                  "--locale=C", "--no-sync")  # fmt: skip
+        settings = {
+            "listen_addresses": "''",
+            "unix_socket_directories": f"'{self.socket}'",
+            "fsync": "off",
+            "synchronous_commit": "off",
+            "full_page_writes": "off",
+            "timezone": f"'{POSTGRES_TIMEZONE}'",
+        }
+        with (self.data / "postgresql.conf").open("a", encoding="utf-8") as conf:
+            conf.writelines(f"{name} = {value}\n" for name, value in settings.items())
+        self._pg_ctl("start")
+
+    def restart(self) -> None:
+        """Stop the server (dropping every connection) and start it again."""
+        self._pg_ctl("restart", "-m", "fast")
+
+    def stop(self) -> None:
+        """Stop the server if it runs (fast: connections are cut; else immediate)."""
+        if not (self.data / "postmaster.pid").exists():
+            return
+        try:
+            self._pg_ctl("stop", "-m", "fast")
+        except (RuntimeError, subprocess.TimeoutExpired):
+            self._pg_ctl("stop", "-m", "immediate")
+
+    def url(self, database: str = "postgres") -> str:
+        """The SQLAlchemy URL of ``database`` on this server (psycopg 3, over the Unix socket)."""
+        return f"postgresql+psycopg://postgres@/{database}?host={self.socket}"
+
+    def new_database(self) -> str:
+        """A new, empty database (``test_1``, ``test_2``, ...); its URL."""
+        import psycopg
+
+        name = f"test_{next(self._names)}"
+        with psycopg.connect(host=str(self.socket), user="postgres", dbname="postgres", autocommit=True) as c:
+            c.execute(f'CREATE DATABASE "{name}"')
+        return self.url(name)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server for the session (started on first use, stopped and removed at the
+    end, also after failures). Missing PostgreSQL or psycopg skips the test, and fails it under
+    GRADCAM_REQUIRE_ALL=1 (CI: .ci/install-postgresql installs the server, the test extra psycopg)."""
+    require("psycopg", "the PostgreSQL tests need psycopg 3 (pip install 'psycopg[binary]')")
+    programs = postgres_programs()
+    why = "the PostgreSQL tests need PostgreSQL's server programs (.ci/install-postgresql)"
+    initdb = Path(require(str(programs / "initdb") if programs else "initdb", why, tool=True))
+    if os.geteuid() == 0:
+        import pwd
+
+        runuser = shutil.which("runuser") or "/usr/sbin/runuser"  # root's PATH may lack sbin
+        require(runuser, "the PostgreSQL tests run the server as the postgres user with runuser", tool=True)
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            _missing("the PostgreSQL tests run the server as the postgres user (Debian's package makes it)")
+    # A short folder of its own (pytest's may be long: a socket's path has at most 107 bytes; and
+    # root's is closed to the postgres user).
+    base = Path(tempfile.mkdtemp(prefix="gradcam-pg-"))
+    try:
+        server = PostgresServer(initdb.parent, base)
+        try:
+            server.start()
+            yield server
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """The SQLAlchemy URL of a new, empty database on the session's PostgreSQL server."""
+    return postgres_server.new_database()

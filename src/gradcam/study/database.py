@@ -2,7 +2,15 @@
 
 A SQLite file by default (:data:`DEFAULT_DB_URL`), opened in WAL mode with a busy timeout so concurrent
 raters wait for each other instead of failing; ``check_same_thread`` is off because the service runs
-calls on a thread pool. Any other SQLAlchemy URL works as well (``postgresql+psycopg://user@host/db``).
+calls on a thread pool. Any other SQLAlchemy URL works as well; PostgreSQL through psycopg 3
+(``postgresql+psycopg://user@host/db``, or ``postgresql+psycopg://user@/db?host=/run/postgresql`` for a
+Unix socket) is tested (tests/test_study_postgres.py), the store's rules included: one rating per pair and
+rater under concurrent submissions, the CHECK constraints, JSON columns. Pooled connections are checked
+before use (``pool_pre_ping``): one the server dropped (a restart) is replaced instead of failing a call.
+
+Every PostgreSQL session runs in UTC (``SET TIME ZONE 'UTC'`` on connect): timestamps are stored as
+instants either way, but they are read back in the session's zone, and a server configured for another
+one would otherwise give the CSV and the API local offsets instead of the UTC they promise.
 """
 
 from __future__ import annotations
@@ -52,12 +60,24 @@ def make_engine(url: str) -> Engine:
     try:
         engine = create_engine(parsed, **options)
     except ImportError as error:
-        raise StudyError(f"database URL '{shown}': its driver is not installed ({error})") from None
+        hint = ""
+        if parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() != "psycopg":
+            hint = "; for psycopg 3 (pip install 'psycopg[binary]') write postgresql+psycopg://"
+        raise StudyError(f"database URL '{shown}': its driver is not installed ({error}){hint}") from None
     except ArgumentError as error:
         raise StudyError(f"database URL '{shown}': {error}") from None
     if sqlite:
         event.listen(engine, "connect", _sqlite_pragmas(memory))
+    elif parsed.get_backend_name() == "postgresql":
+        event.listen(engine, "connect", _utc_session)
     return engine
+
+
+def _utc_session(connection: Any, _record: Any) -> None:  # a DBAPI connection
+    cursor = connection.cursor()
+    cursor.execute("SET TIME ZONE 'UTC'")
+    cursor.close()
+    connection.commit()  # a SET made in a transaction lasts for the session once it is committed
 
 
 def _sqlite_pragmas(memory: bool) -> Callable[[Any, Any], None]:
