@@ -112,11 +112,8 @@ def tiny_classifier(name: str, device: str | None = None) -> Any:
 
 
 def new_rater(store: Any, study_id: str) -> str:
-    """A new rater of a study in ``store`` (a StudyStore), by invitation where the store has them, else
-    by the older self-issued rater id."""
-    if hasattr(store, "invite"):
-        return store.invite(study_id)[0].rater
-    return store.issue_rater(study_id)
+    """The id of a new invited rater of a study in ``store`` (a StudyStore)."""
+    return store.invite(study_id)[0].rater
 
 
 def tiny_vit_options(**overrides: object) -> dict[str, object]:

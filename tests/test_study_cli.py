@@ -52,9 +52,28 @@ def created(images: Path, tmp_path_factory) -> tuple[str, str]:
         r"study (\S+): 2 pairs \(2 images x 1 methods\), 1 images skipped, seed 5", result.stdout
     )
     assert match, result.stdout
-    assert f"raters: /studies/{match[1]}" in result.stdout
+    assert f"raters: by invitation: gradcam study invite {match[1]} --count N" in result.stdout
     assert "skipped red.png: the models disagree" in result.stderr
     return match[1], f"sqlite:///{db}"
+
+
+def test_invite_prints_single_person_links_whose_tokens_the_store_knows(created: tuple[str, str]) -> None:
+    study_id, url = created
+    result = study("invite", study_id, "--count", "3", "--db", url, "--base-url", "https://study.example.org/")
+    assert result.exit_code == 0, result.output
+    links = result.stdout.split()
+    assert len(links) == 3 and "3 rater links" in result.stderr
+    prefix = f"https://study.example.org/studies/{study_id}#"
+    assert all(link.startswith(prefix) for link in links)
+    with StudyStore(url) as store:
+        raters = [store.rater_of(study_id, link.removeprefix(prefix)) for link in links]
+    assert len(set(raters)) == 3
+    for args, words in (
+        (("invite", "nope", "--db", url), "study 'nope' not found"),
+        (("invite", study_id, "--count", "0", "--db", url), "--count"),
+    ):
+        refused = study(*args)
+        assert refused.exit_code == 2 and words in refused.output and "Traceback" not in refused.output
 
 
 def test_the_default_database_is_a_file_in_the_working_directory() -> None:
@@ -66,7 +85,7 @@ def test_results_as_json_table_and_csv(created: tuple[str, str], tmp_path: Path)
     with StudyStore(url) as store:
         found = store.study(study_id)
         assert (found.name, found.pairs, found.stronger_model, found.seed) == ("cli study", 2, STRONGER, 5)
-        raters = [store.issue_rater(study_id) for _ in range(2)]
+        raters = [store.invite(study_id)[0].rater for _ in range(2)]
         pairs = []
         for rater, answer in zip(raters, (2, -1), strict=True):
             while (pair := store.next_pair(study_id, rater)) is not None:

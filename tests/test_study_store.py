@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import random
+import re
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -23,8 +24,11 @@ from gradcam.study.results import CSV_COLUMNS, mean_interval, ratings_csv, summa
 from gradcam.study.store import (
     DEFAULT_DB_URL,
     DuplicateRating,
+    NotARater,
     NotFound,
+    NotServed,
     PairRow,
+    RaterRow,
     RatingRow,
     StudyError,
     StudyStore,
@@ -62,7 +66,25 @@ def store(tmp_path: Path) -> Iterator[StudyStore]:
         yield opened
 
 
-def pair_ids(store: StudyStore, study_id: str) -> dict[tuple[str, str], int]:
+def invite(store: StudyStore, study_id: str) -> str:
+    """A new invited rater's id."""
+    return store.invite(study_id)[0].rater
+
+
+def serve(store: StudyStore, rater: str, pair: str) -> None:
+    """Record ``pair`` as the one served to ``rater``, as if ``next_pair`` had chosen it (setup for tests
+    that rate chosen pairs)."""
+    with Session(store.engine) as session, session.begin():
+        session.get(RaterRow, rater).served = pair
+
+
+def rate(store: StudyStore, study_id: str, rater: str, pair: str, answer: int):
+    """Serve ``pair`` to the rater, then record the answer."""
+    serve(store, rater, pair)
+    return store.record_rating(study_id, rater, pair, answer)
+
+
+def pair_ids(store: StudyStore, study_id: str) -> dict[tuple[str, str], str]:
     with Session(store.engine) as session:
         rows = session.execute(
             select(PairRow.id, PairRow.image, PairRow.method).where(PairRow.study_id == study_id)
@@ -108,8 +130,8 @@ def test_a_study_is_stored_with_its_pairs_and_counts(store: StudyStore) -> None:
     assert (first.pairs, first.raters, first.ratings) == (4, 0, 0)
     assert first.methods == ["guided-backprop", "guided-gradcam"] and first.seed == 3
     assert first.created.tzinfo is not None
-    rater = store.issue_rater(first.id)
-    store.record_rating(first.id, rater, pair_ids(store, first.id)[("cat.png", "guided-backprop")], 1)
+    rater = invite(store, first.id)
+    rate(store, first.id, rater, pair_ids(store, first.id)[("cat.png", "guided-backprop")], 1)
     found = store.study(first.id)
     assert (found.pairs, found.raters, found.ratings) == (4, 1, 1)
     assert {s.id: s.pairs for s in store.list_studies()} == {first.id: 4, second.id: 1}
@@ -133,7 +155,7 @@ def test_each_rater_gets_every_pair_once_in_an_order_of_their_own(store: StudySt
     study = make_study(store, pairs)
     orders = []
     for _ in range(3):
-        rater = store.issue_rater(study.id)
+        rater = invite(store, study.id)
         seen = []
         while (pair := store.next_pair(study.id, rater)) is not None:
             assert store.next_pair(study.id, rater).id == pair.id  # the same until rated (a reload)
@@ -149,36 +171,100 @@ def test_each_rater_gets_every_pair_once_in_an_order_of_their_own(store: StudySt
 
 def test_unknown_or_foreign_ids_are_refused(store: StudyStore) -> None:
     study, other = make_study(store), make_study(store, PAIRS[:1], name="other")
-    rater, stranger = store.issue_rater(study.id), store.issue_rater(other.id)
+    rater, stranger = invite(store, study.id), invite(store, other.id)
     own_pair = pair_ids(store, study.id)[("cat.png", "guided-gradcam")]
     foreign_pair = next(iter(pair_ids(store, other.id).values()))
     with pytest.raises(NotFound, match="study 'nope'"):
-        store.issue_rater("nope")
-    with pytest.raises(NotFound, match="rater"):
+        store.invite("nope")
+    with pytest.raises(NotARater, match="rater"):
         store.next_pair(study.id, "no-such-rater")
-    with pytest.raises(NotFound, match="rater"):
+    with pytest.raises(NotARater, match="rater"):
         store.next_pair(study.id, stranger)  # a rater of another study
-    with pytest.raises(NotFound, match="rater"):
+    with pytest.raises(NotARater, match="rater"):
         store.record_rating(study.id, stranger, own_pair, 1)
-    with pytest.raises(NotFound, match="pair"):
-        store.record_rating(study.id, rater, foreign_pair, 1)  # a pair of another study
-    with pytest.raises(NotFound, match="pair"):
-        store.record_rating(study.id, rater, 10**6, 1)
+    served = store.next_pair(study.id, rater).id
+    for pair in (
+        foreign_pair,
+        "no-such-pair",
+        next(p for p in pair_ids(store, study.id).values() if p != served),
+    ):
+        with pytest.raises(NotServed, match="not the pair served"):
+            store.record_rating(study.id, rater, pair, 1)  # a pair of another study, none, one not served
     assert count_ratings(store) == 0
+
+
+def test_only_the_pair_served_can_be_rated_and_only_once(store: StudyStore) -> None:
+    # The ballot-stuffing finding: any pair of the study was accepted, served or not.
+    study = make_study(store)
+    rater = invite(store, study.id)
+    pairs = set(pair_ids(store, study.id).values())
+    with pytest.raises(NotServed):
+        store.record_rating(study.id, rater, sorted(pairs)[0], 0)  # nothing served yet
+    first = store.next_pair(study.id, rater).id
+    for other in pairs - {first}:
+        with pytest.raises(NotServed):
+            store.record_rating(study.id, rater, other, 0)
+    store.record_rating(study.id, rater, first, 2)
+    with pytest.raises(DuplicateRating):
+        store.record_rating(study.id, rater, first, -2)
+    with pytest.raises(NotServed):  # rated: nothing is served until the next call
+        store.record_rating(study.id, rater, sorted(pairs - {first})[0], 0)
+    second = store.next_pair(study.id, rater).id
+    assert second != first and store.record_rating(study.id, rater, second, 1).rated == 2
+    assert sorted((r.pair, r.answer) for r in store.ratings(study.id)) == sorted([(first, 2), (second, 1)])
+
+
+def test_pair_and_rater_ids_are_opaque_random_tokens(store: StudyStore) -> None:
+    # The finding: pair ids were sequential integers, made image by image and method by method (odd ids
+    # guided-backprop, even ids Grad-CAM); rater ids must not be guessable either.
+    pairs = [
+        new_pair(f"img{i}.png", method, "A") for i in range(20) for method in ("guided-backprop", "gradcam")
+    ]
+    study = make_study(store, pairs)
+    ids = pair_ids(store, study.id)
+    raters = [i.rater for i in store.invite(study.id, 20)]
+    for token in [*ids.values(), *raters]:
+        assert isinstance(token, str) and len(token) == 16 and re.fullmatch(r"[A-Za-z0-9_-]+", token)
+        assert not token.isdigit()
+    assert len(set(ids.values())) == 40 and len(set(raters)) == 20
+    made_order = [ids[(f"img{i}.png", m)] for i in range(20) for m in ("guided-backprop", "gradcam")]
+    assert made_order != sorted(made_order)  # sorting the ids does not give back the order they were made
+    methods_in_id_order = [m for (_, m), _ in sorted(ids.items(), key=lambda item: item[1])]
+    alternations = sum(a != b for a, b in zip(methods_in_id_order, methods_in_id_order[1:], strict=False))
+    assert alternations < 39  # not the strict alternation sequential ids would give
+
+
+def test_invitation_tokens_are_stored_only_as_hashes(store: StudyStore) -> None:
+    study = make_study(store)
+    made = store.invite(study.id, 3)
+    assert [store.rater_of(study.id, i.token) for i in made] == [i.rater for i in made]
+    assert made[0].link(study.id) == f"/studies/{study.id}#{made[0].token}"
+    with Session(store.engine) as session:
+        stored = session.scalars(select(RaterRow.token_hash)).all()
+        dump = "\n".join(str(row) for row in session.execute(text("SELECT * FROM study_rater")))
+    assert len(stored) == 3 and all(i.token not in dump for i in made)
+    with pytest.raises(NotARater):
+        store.rater_of(study.id, "not-a-token")
+    other = make_study(store, PAIRS[:1], name="other")
+    with pytest.raises(NotARater):
+        store.rater_of(other.id, made[0].token)  # a link of another study
+    with pytest.raises(StudyError, match="count"):
+        store.invite(study.id, 0)
 
 
 @pytest.mark.parametrize("answer", [3, -3, True, 1.0, "1", None])
 def test_answers_off_the_scale_are_refused(store: StudyStore, answer: object) -> None:
     study = make_study(store)
-    rater = store.issue_rater(study.id)
+    rater = invite(store, study.id)
+    pair = store.next_pair(study.id, rater).id
     with pytest.raises(StudyError, match="answer"):
-        store.record_rating(study.id, rater, next(iter(pair_ids(store, study.id).values())), answer)
+        store.record_rating(study.id, rater, pair, answer)
     assert count_ratings(store) == 0
 
 
 def test_the_database_itself_refuses_a_bad_answer_and_a_second_rating(store: StudyStore) -> None:
     study = make_study(store)
-    rater = store.issue_rater(study.id)
+    rater = invite(store, study.id)
     pair = next(iter(pair_ids(store, study.id).values()))
 
     def insert(answer: int) -> None:
@@ -196,9 +282,10 @@ def test_the_database_itself_refuses_a_bad_answer_and_a_second_rating(store: Stu
 
 def test_a_duplicate_rating_is_refused_and_not_stored(store: StudyStore) -> None:
     study = make_study(store)
-    rater = store.issue_rater(study.id)
+    rater = invite(store, study.id)
     pair = pair_ids(store, study.id)[("coffee.png", "guided-gradcam")]
-    store.record_rating(study.id, rater, pair, 2)
+    rate(store, study.id, rater, pair, 2)
+    serve(store, rater, pair)  # even served again, the first answer stands
     with pytest.raises(DuplicateRating, match="already rated"):
         store.record_rating(study.id, rater, pair, -2)
     [stored] = store.ratings(study.id)
@@ -228,7 +315,9 @@ def _together(count: int, work) -> list[object]:
 def test_fifty_parallel_ratings_give_exactly_fifty_rows(store: StudyStore) -> None:
     study = make_study(store)
     pairs = list(pair_ids(store, study.id).values())
-    raters = [store.issue_rater(study.id) for _ in range(50)]
+    raters = [i.rater for i in store.invite(study.id, 50)]
+    for i, rater in enumerate(raters):
+        serve(store, rater, pairs[i % 4])
     outcomes = _together(50, lambda i: store.record_rating(study.id, raters[i], pairs[i % 4], i % 5 - 2))
     assert [o for o in outcomes if isinstance(o, Exception)] == []
     stored = store.ratings(study.id)
@@ -238,28 +327,31 @@ def test_fifty_parallel_ratings_give_exactly_fifty_rows(store: StudyStore) -> No
     )
 
 
-def test_one_rater_rating_many_pairs_at_once_and_one_pair_many_times(store: StudyStore) -> None:
+def test_one_pair_submitted_many_times_at_once_is_stored_once(store: StudyStore) -> None:
     pairs = [new_pair(f"img{i}.png", "gradcam", "A") for i in range(50)]
     study = make_study(store, pairs)
-    ids = list(pair_ids(store, study.id).values())
-    rater = store.issue_rater(study.id)
-    outcomes = _together(50, lambda i: store.record_rating(study.id, rater, ids[i], 1))
-    assert [o for o in outcomes if isinstance(o, Exception)] == []
-    assert count_ratings(store) == 50
-    late = store.issue_rater(study.id)  # now 20 submissions of one (pair, rater): one row, 19 refusals
-    outcomes = _together(20, lambda i: store.record_rating(study.id, late, ids[0], 2))
-    assert sum(isinstance(o, DuplicateRating) for o in outcomes) == 19
+    rater = invite(store, study.id)
+    served = store.next_pair(study.id, rater).id
+    others = [p for p in pair_ids(store, study.id).values() if p != served]
+    # 20 submissions of the served pair and 20 of pairs never served, all at once: one row
+    outcomes = _together(
+        40, lambda i: store.record_rating(study.id, rater, served if i < 20 else others[i], 2)
+    )
+    assert sum(isinstance(o, DuplicateRating | NotServed) for o in outcomes[:20]) == 19
+    assert all(isinstance(o, NotServed | DuplicateRating) for o in outcomes[20:])
     assert [
-        type(o).__name__ for o in outcomes if isinstance(o, Exception) and not isinstance(o, DuplicateRating)
+        type(o).__name__
+        for o in outcomes
+        if isinstance(o, Exception) and not isinstance(o, DuplicateRating | NotServed)
     ] == []
-    assert count_ratings(store) == 51
+    assert count_ratings(store) == 1 and store.ratings(study.id)[0].pair == served
 
 
 def test_ratings_and_raters_survive_closing_and_reopening(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'study.db'}"
     with StudyStore(url) as store:
         study = make_study(store)
-        rater = store.issue_rater(study.id)
+        rater = invite(store, study.id)
         first = store.next_pair(study.id, rater)
         store.record_rating(study.id, rater, first.id, -1)
         second = store.next_pair(study.id, rater)
@@ -275,7 +367,7 @@ def test_ratings_and_raters_survive_closing_and_reopening(tmp_path: Path) -> Non
 def test_in_memory_database_works_for_single_threaded_use() -> None:
     with StudyStore("sqlite://") as store:
         study = make_study(store)
-        rater = store.issue_rater(study.id)
+        rater = invite(store, study.id)
         store.record_rating(study.id, rater, store.next_pair(study.id, rater).id, 0)
         assert len(store.ratings(study.id)) == 1
 
@@ -303,10 +395,10 @@ def rated(store: StudyStore, answers: dict[tuple[str, str], list[int]]) -> str:
     """A study where raters gave ``answers[(image, method)][k]`` (rater k); its id."""
     study = make_study(store)
     ids = pair_ids(store, study.id)
-    raters = [store.issue_rater(study.id) for _ in range(max(len(a) for a in answers.values()))]
+    raters = [invite(store, study.id) for _ in range(max(len(a) for a in answers.values()))]
     for key, given in answers.items():
         for rater, answer in zip(raters, given, strict=False):
-            store.record_rating(study.id, rater, ids[key], answer)
+            rate(store, study.id, rater, ids[key], answer)
     return study.id
 
 
@@ -408,7 +500,7 @@ def test_csv_has_one_row_per_rating_with_the_score(store: StudyStore) -> None:
     ids = pair_ids(store, study_id)
     coffee = next(r for r in rows if r["image"] == "coffee.png")
     assert coffee == {
-        "study": study_id, "pair": str(ids[("coffee.png", "guided-gradcam")]), "image": "coffee.png",
+        "study": study_id, "pair": ids[("coffee.png", "guided-gradcam")], "image": "coffee.png",
         "class_index": "967", "class": "espresso", "method": "guided-gradcam",
         "stronger_model": "efficientnet-lite1", "weaker_model": "efficientnet-lite0", "stronger_side": "B",
         "rater": coffee["rater"], "answer": "1", "score": "-1", "time": coffee["time"],

@@ -24,7 +24,16 @@ from gradcam.models.pool import ModelPool
 from gradcam.study import creation
 from gradcam.study.pairs import list_images
 from gradcam.study.results import StudyResults, ratings_csv, results_dict, summarise
-from gradcam.study.store import DEFAULT_DB_URL, StudyRow, StudyStore, database_url, sqlite_file
+from gradcam.study.store import (
+    DEFAULT_DB_URL,
+    MAX_INVITATIONS,
+    DatabaseUnavailable,
+    StudyError,
+    StudyRow,
+    StudyStore,
+    database_url,
+    sqlite_file,
+)
 
 study_app = typer.Typer(
     add_completion=False,
@@ -47,13 +56,17 @@ def _open(db: str, *, must_exist: bool) -> StudyStore:
         raise fail(f"--db {db}: no study database at {file}; create a study first (gradcam study create)")
     try:
         return StudyStore(url)
+    except DatabaseUnavailable as error:
+        raise fail(f"--db {db}: cannot open the database ({_first_line(error)})") from None
     except GradCAMError as error:
         raise fail(f"--db {db}: {error}") from None
     except SQLAlchemyError as error:
         raise fail(f"--db {db}: cannot open the database ({_first_line(error)})") from None
 
 
-def _first_line(error: SQLAlchemyError) -> str:
+def _first_line(error: SQLAlchemyError | DatabaseUnavailable) -> str:
+    if isinstance(error, DatabaseUnavailable):
+        return error.detail or str(error)
     return str(getattr(error, "orig", None) or error).splitlines()[0]
 
 
@@ -81,6 +94,14 @@ def create(
         int | None, typer.Option(help="Seeds the sides and the image draw (default: random).")
     ] = None,
     max_images: Annotated[int | None, typer.Option(min=1, help="Keep at most this many images.")] = None,
+    open_study: Annotated[
+        bool,
+        typer.Option(
+            "--open",
+            help="Let raters join by themselves at the rater page (a few per client address); by "
+            "default raters come by invitation only (gradcam study invite).",
+        ),
+    ] = False,
     db: DbOption = DEFAULT_DB_URL,
     device: DeviceOption = "cpu",
 ) -> None:
@@ -97,13 +118,14 @@ def create(
         folder=str(images.resolve()),
         annotations=str(annotations.resolve()) if annotations is not None else None,
         seed=seed if seed is not None else secrets.randbelow(2**31),
+        open=open_study,
     )
     parse_device(device)
     pool, plan = _plan(record, images, annotations, max_images, device)
     store = _open(db, must_exist=False)  # only now: a mistake above leaves no database file behind
     try:
         study = _create(store, pool, plan, images)
-    except SQLAlchemyError as error:
+    except (SQLAlchemyError, DatabaseUnavailable) as error:
         raise fail(f"--db {db}: cannot store the study ({_first_line(error)})") from None
     finally:
         store.close()
@@ -117,8 +139,39 @@ def create(
         markup=False,
         highlight=False,
     )
-    stdout.print(f"raters: /studies/{study.id}", markup=False, highlight=False)
+    if study.open:
+        stdout.print(f"raters: /studies/{study.id}", markup=False, highlight=False)
+    else:
+        stdout.print(f"raters: by invitation: gradcam study invite {study.id} --count N", markup=False)
     stdout.print(f"results: /studies/{study.id}/results", markup=False, highlight=False)
+
+
+@study_app.command("invite")
+def invite(
+    study: Annotated[str, typer.Argument(help="The study's id.")],
+    count: Annotated[
+        int, typer.Option("--count", "-n", min=1, max=MAX_INVITATIONS, help="Links to issue, one per rater.")
+    ] = 1,
+    base_url: Annotated[
+        str, typer.Option(help="The server's address, put before each link (e.g. https://study.example.org).")
+    ] = "",
+    db: DbOption = DEFAULT_DB_URL,
+) -> None:
+    """Issue single-person rater links, one per line: /studies/<study>#<token>. The token sits in the URL
+    fragment, which browsers never send (no server or proxy logs it); only its hash is stored, so keep
+    the links: they cannot be shown again."""
+    store = _open(db, must_exist=True)
+    try:
+        made = store.invite(study, count)
+    except DatabaseUnavailable as error:
+        raise fail(f"--db {db}: cannot store the invitations ({_first_line(error)})") from None
+    except StudyError as error:
+        raise fail(str(error)) from None
+    finally:
+        store.close()
+    for invitation in made:
+        typer.echo(f"{base_url.rstrip('/')}{invitation.link(study)}")
+    stderr.print(f"{len(made)} rater links for study {study}; each is for one person", markup=False)
 
 
 def _plan(
@@ -179,7 +232,7 @@ def results(
             raise fail(f"study '{study}' not found in {db}; `gradcam study list` shows the studies")
         ratings = store.ratings(study)
         summary = summarise(found, ratings, store.pair_methods(study))
-    except SQLAlchemyError as error:
+    except (SQLAlchemyError, DatabaseUnavailable) as error:
         raise fail(f"--db {db}: cannot read the study ({_first_line(error)})") from None
     finally:
         store.close()
@@ -231,7 +284,7 @@ def list_studies(db: DbOption = DEFAULT_DB_URL) -> None:
     store = _open(db, must_exist=True)
     try:
         studies = store.list_studies()
-    except SQLAlchemyError as error:
+    except (SQLAlchemyError, DatabaseUnavailable) as error:
         raise fail(f"--db {db}: cannot read the studies ({_first_line(error)})") from None
     finally:
         store.close()

@@ -19,8 +19,12 @@ The protocol here:
    (:mod:`.pairs`). For each kept image and method the two pictures are rendered once, at creation, and
    stored; the models are anonymised as "Robot A" and "Robot B", with the side of the stronger model
    randomised per pair (seeded, balanced within each method).
-3. Raters open ``/studies/{id}``, receive a rater id, and see one pair at a time, with the class both
-   robots predicted, in an order of their own. They answer on the paper's scale (:data:`.scale.SCALE`):
+3. Raters come by invitation: the owner issues single-person links ``/studies/<id>#<token>``
+   (``gradcam study invite``, or the admin API); the token sits in the URL fragment, which browsers never
+   send, and the rater page sends it as ``Authorization: Bearer``. An ``open`` study also lets raters
+   join by themselves, a limited number per client address. A rater sees one pair at a time, with the
+   class both robots predicted, in an order of their own, and may rate only the pair served to them;
+   pair and rater ids are opaque random tokens. They answer on the paper's scale (:data:`.scale.SCALE`):
    "Robot A is clearly more reliable than Robot B" (+2), "slightly more reliable" (+1), "equally
    reliable" (0), "slightly less reliable" (-1), "clearly less reliable" (-2). Each rater rates each
    pair at most once (the database enforces it). Raters are not told which method made the pictures: the
@@ -31,10 +35,11 @@ The protocol here:
    number of ratings and of raters; the raw ratings as CSV.
 
 The study's domain, with no HTTP in it. Modules: :mod:`.scale` (the question and the rating scale),
-:mod:`.store` (the database), :mod:`.folders` (which image folders a service offers), :mod:`.pairs`
-(selection and rendering), :mod:`.creation` (a checked study request, rendered and stored),
-:mod:`.jobs` (the service's bounded background worker), :mod:`.results` (statistics and CSV). The HTTP
-API over it is :mod:`gradcam.serve.routers.study` and :mod:`gradcam.serve.routers.admin`.
+:mod:`.store` (the database), :mod:`.invitations` (rater credentials), :mod:`.folders` (which image
+folders a service offers), :mod:`.pairs` (selection and rendering), :mod:`.creation` (a checked study
+request, rendered and stored), :mod:`.jobs` (the service's bounded background worker), :mod:`.results`
+(statistics and CSV). The HTTP API over it is :mod:`gradcam.serve.routers.study` and
+:mod:`gradcam.serve.routers.admin`.
 """
 
 from gradcam.study.store import DEFAULT_DB_URL, StudyStore

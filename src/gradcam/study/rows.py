@@ -4,6 +4,7 @@ the store returns (see :mod:`gradcam.study.store`)."""
 from __future__ import annotations
 
 import dataclasses
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -11,10 +12,12 @@ from typing import Any, Literal, get_args
 
 from sqlalchemy import (
     JSON,
+    Boolean,
     CheckConstraint,
     DateTime,
     Dialect,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     String,
@@ -40,6 +43,13 @@ StudyState = Literal["queued", "rendering", "ready", "failed"]
 STATES: tuple[str, ...] = get_args(StudyState)
 #: The states a study is still being made in.
 UNFINISHED = ("queued", "rendering")
+#: Characters of the random tokens that are a study's pair and rater ids (URL-safe base64, 96 bits).
+ID_BYTES = 12
+
+
+def new_id() -> str:
+    """An opaque random id (a pair's, a rater's): it tells nothing about what it names or its order."""
+    return secrets.token_urlsafe(ID_BYTES)
 
 
 @dataclass(frozen=True)
@@ -86,17 +96,19 @@ class Base(DeclarativeBase):
 
 class PairRow(MappedAsDataclass, Base):
     """A pre-rendered pair: the stronger model's picture is ``robot_a`` when ``stronger_side`` is "A",
-    else ``robot_b`` (PNG bytes). Made without ``id`` and ``study_id``; the store sets them."""
+    else ``robot_b`` (PNG bytes). Made without ``id`` and ``study_id``; the store sets them. The id is
+    an opaque random token (:func:`new_id`): sequential ids, made image by image and method by method,
+    would tell a rater which method made the pictures."""
 
     __tablename__ = "study_pair"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True, init=False)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, init=False)
     study_id: Mapped[str] = mapped_column(
         ForeignKey("study.id", ondelete="CASCADE"), index=True, init=False, repr=False
     )
-    image: Mapped[str] = mapped_column(String(1000))
+    image: Mapped[str] = mapped_column(String(4096))  # a path under the folder
     class_index: Mapped[int] = mapped_column(Integer)
-    class_name: Mapped[str] = mapped_column(String(200))
+    class_name: Mapped[str] = mapped_column(String(1000))
     method: Mapped[str] = mapped_column(String(100))
     stronger_side: Mapped[str] = mapped_column(String(1))
     robot_a: Mapped[bytes] = mapped_column(LargeBinary, repr=False)
@@ -106,11 +118,25 @@ class PairRow(MappedAsDataclass, Base):
 
 
 class RaterRow(MappedAsDataclass, Base):
+    """A rater of one study. ``id`` is the opaque id results and the CSV name them by; the credential is
+    a separate random token, of which only the SHA-256 (``token_hash``) is stored: a copy of the
+    database lets nobody rate as someone else. ``invited``: made by an invitation, else self-service
+    (an open study) from ``client``. ``served`` is the pair ``/next`` last served, the only one the
+    rater may rate."""
+
     __tablename__ = "study_rater"
 
-    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
     study_id: Mapped[str] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True, repr=False)
+    invited: Mapped[bool] = mapped_column(Boolean, default=True)
+    client: Mapped[str | None] = mapped_column(String(100), default=None)
+    served: Mapped[str | None] = mapped_column(
+        ForeignKey("study_pair.id", ondelete="SET NULL"), default=None, repr=False
+    )
     created: Mapped[datetime] = mapped_column(_UTCDateTime, init=False, default_factory=_now)
+
+    __table_args__ = (Index("rater_client", "study_id", "client", "created"),)
 
 
 class RatingRow(MappedAsDataclass, Base):
@@ -118,7 +144,7 @@ class RatingRow(MappedAsDataclass, Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True, init=False)
     study_id: Mapped[str] = mapped_column(ForeignKey("study.id", ondelete="CASCADE"), index=True)
-    pair_id: Mapped[int] = mapped_column(ForeignKey("study_pair.id", ondelete="CASCADE"))
+    pair_id: Mapped[str] = mapped_column(ForeignKey("study_pair.id", ondelete="CASCADE"))
     rater_id: Mapped[str] = mapped_column(ForeignKey("study_rater.id", ondelete="CASCADE"))
     answer: Mapped[int] = mapped_column(Integer)
     created: Mapped[datetime] = mapped_column(_UTCDateTime, init=False, default_factory=_now)
@@ -144,13 +170,18 @@ class StudyRow(MappedAsDataclass, Base):
         String(32), primary_key=True, init=False, doc="The study's id (a random token the store gives)."
     )
     name: Mapped[str] = mapped_column(String(200), doc="The study's name.")
-    stronger_model: Mapped[str] = mapped_column(String(100), doc="The model expected to be better.")
-    weaker_model: Mapped[str] = mapped_column(String(100), doc="The other model.")
+    stronger_model: Mapped[str] = mapped_column(String(1000), doc="The model expected to be better.")
+    weaker_model: Mapped[str] = mapped_column(String(1000), doc="The other model.")
     methods: Mapped[list[str]] = mapped_column(JSON, doc="The visualisation methods, one pair each.")
-    folder: Mapped[str] = mapped_column(String(1000), doc="The image folder.")
+    folder: Mapped[str] = mapped_column(String(4096), doc="The image folder.")
     seed: Mapped[int] = mapped_column(Integer, doc="Seeds the sides and the image draw.")
     annotations: Mapped[str | None] = mapped_column(
-        String(1000), default=None, doc="The annotations file, or null."
+        String(4096), default=None, doc="The annotations file, or null."
+    )
+    open: Mapped[bool] = mapped_column(
+        Boolean,
+        default=False,
+        doc="Open to self-service raters (a limited number per client); else by invitation only.",
     )
     state: Mapped[StudyState] = mapped_column(
         String(16), default="ready", doc="queued, rendering (done of total images), ready or failed."
@@ -173,7 +204,7 @@ class StudyRow(MappedAsDataclass, Base):
 
 # Declared after StudyRow: they refer to its id.
 StudyRow.pairs = _count(PairRow, "Pairs stored.")
-StudyRow.raters = _count(RaterRow, "Raters issued.")
+StudyRow.raters = _count(RaterRow, "Raters invited or joined.")
 StudyRow.ratings = _count(RatingRow, "Ratings stored.")
 
 _RATINGS = (
