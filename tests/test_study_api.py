@@ -125,16 +125,28 @@ def study(client: TestClient) -> dict:
     return create(client, BODY)
 
 
-def sides(store: StudyStore, study_id: str) -> dict[int, str]:
+def sides(store: StudyStore, study_id: str) -> dict[str, str]:
     query = select(PairRow.id, PairRow.stronger_side).where(PairRow.study_id == study_id)
     with Session(store.engine) as session:
         return {pair: side for pair, side in session.execute(query)}
 
 
+def invited(client: TestClient, study_id: str, count: int = 1) -> list[str]:
+    """Tokens of ``count`` new invitations (the fragments of their links)."""
+    response = client.post(f"/v1/admin/studies/{study_id}/invitations", json={"count": count}, headers=ADMIN)
+    assert response.status_code == 201, response.text
+    links = [made["link"] for made in response.json()["invitations"]]
+    assert all(link.startswith(f"/studies/{study_id}#") for link in links)
+    return [link.split("#", 1)[1] for link in links]
+
+
 def new_rater(client: TestClient, study_id: str) -> str:
-    response = client.post(f"/v1/studies/{study_id}/raters")
-    assert response.status_code == 201
-    return response.json()["rater"]
+    """One invited rater's token."""
+    return invited(client, study_id)[0]
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
 
 
 # ------------------------------------------------------------------------------------------ admin
@@ -294,7 +306,7 @@ def test_a_rater_sees_every_pair_once_then_done(client: TestClient, store: Study
     rater = new_rater(client, study_id)
     seen = []
     while True:
-        response = client.get(f"/v1/studies/{study_id}/next", params={"rater": rater})
+        response = client.get(f"/v1/studies/{study_id}/next", headers=bearer(rater))
         assert response.status_code == 200
         shown = response.json()
         assert (shown["total"], shown["rated"], shown["remaining"]) == (4, len(seen), 4 - len(seen))
@@ -316,10 +328,12 @@ def test_a_rater_sees_every_pair_once_then_done(client: TestClient, store: Study
             picture = Image.open(io.BytesIO(base64.b64decode(shown[side], validate=True)))
             assert picture.format == "PNG" and min(picture.size) >= 200
         assert shown["robot_a"] != shown["robot_b"]
-        again = client.get(f"/v1/studies/{study_id}/next", params={"rater": rater}).json()
+        again = client.get(f"/v1/studies/{study_id}/next", headers=bearer(rater)).json()
         assert again["pair"] == shown["pair"]  # a reload shows the same pair
         stored = client.post(
-            f"/v1/studies/{study_id}/ratings", json={"rater": rater, "pair": shown["pair"], "answer": 1}
+            f"/v1/studies/{study_id}/ratings",
+            json={"pair": shown["pair"], "answer": 1},
+            headers=bearer(rater),
         )
         assert stored.status_code == 201
         assert stored.json() == {
@@ -334,10 +348,10 @@ def test_a_rater_sees_every_pair_once_then_done(client: TestClient, store: Study
                      "class": None, "robot_a": None, "robot_b": None}  # fmt: skip
     assert sorted(seen) == sorted(sides(store, study_id))
     again = client.post(
-        f"/v1/studies/{study_id}/ratings", json={"rater": rater, "pair": seen[0], "answer": -2}
+        f"/v1/studies/{study_id}/ratings", json={"pair": seen[0], "answer": -2}, headers=bearer(rater)
     )
     assert again.status_code == 409 and "already rated" in again.json()["detail"]
-    mine = [r for r in store.ratings(study_id) if r.rater == rater]
+    mine = [r for r in store.ratings(study_id) if r.rater == store.rater_of(study_id, rater)]
     assert len(mine) == 4 and {r.answer for r in mine} == {1}  # the refused answer was not stored
 
 
@@ -346,47 +360,119 @@ def test_rater_errors(client: TestClient, study: dict) -> None:
     other = create(client, {**BODY, "methods": ["gradcam"], "max_images": 1})
     stranger = new_rater(client, other["id"])
     rater = new_rater(client, study_id)
-    pair = client.get(f"/v1/studies/{study_id}/next", params={"rater": rater}).json()["pair"]
-    foreign_pair = client.get(f"/v1/studies/{other['id']}/next", params={"rater": stranger}).json()["pair"]
+    pair = client.get(f"/v1/studies/{study_id}/next", headers=bearer(rater)).json()["pair"]
+    foreign_pair = client.get(f"/v1/studies/{other['id']}/next", headers=bearer(stranger)).json()["pair"]
     not_found = [
         client.get("/v1/studies/nope"),
         client.post("/v1/studies/nope/raters"),
-        client.get("/v1/studies/nope/next", params={"rater": rater}),
-        client.get(f"/v1/studies/{study_id}/next", params={"rater": "nobody"}),
-        client.get(f"/v1/studies/{study_id}/next", params={"rater": stranger}),
-        client.post("/v1/studies/nope/ratings", json={"rater": rater, "pair": pair, "answer": 0}),
-        client.post(f"/v1/studies/{study_id}/ratings", json={"rater": "nobody", "pair": pair, "answer": 0}),
-        client.post(f"/v1/studies/{study_id}/ratings", json={"rater": stranger, "pair": pair, "answer": 0}),
-        client.post(
-            f"/v1/studies/{study_id}/ratings", json={"rater": rater, "pair": foreign_pair, "answer": 0}
-        ),
-        client.post(f"/v1/studies/{study_id}/ratings", json={"rater": rater, "pair": 10**6, "answer": 0}),
+        client.get("/v1/studies/nope/next", headers=bearer(rater)),
+        client.post("/v1/studies/nope/ratings", json={"pair": pair, "answer": 0}, headers=bearer(rater)),
     ]
     assert [r.status_code for r in not_found] == [404] * len(not_found)
-    assert all(isinstance(r.json()["detail"], str) for r in not_found)
+    not_a_rater = [
+        client.get(f"/v1/studies/{study_id}/next"),
+        client.get(f"/v1/studies/{study_id}/next", headers=bearer("nobody")),
+        client.get(f"/v1/studies/{study_id}/next", headers=bearer(stranger)),  # a link of another study
+        client.post(f"/v1/studies/{study_id}/ratings", json={"pair": pair, "answer": 0}),
+        client.post(f"/v1/studies/{study_id}/ratings", json={"pair": pair, "answer": 0}, headers=bearer("x")),
+        client.post(
+            f"/v1/studies/{study_id}/ratings", json={"pair": pair, "answer": 0}, headers=bearer(stranger)
+        ),
+    ]
+    assert [r.status_code for r in not_a_rater] == [401] * len(not_a_rater)
+    assert all(r.headers["www-authenticate"] == "Bearer" for r in not_a_rater)
+    not_served = [
+        client.post(
+            f"/v1/studies/{study_id}/ratings", json={"pair": foreign_pair, "answer": 0}, headers=bearer(rater)
+        ),
+        client.post(
+            f"/v1/studies/{study_id}/ratings", json={"pair": "x" * 16, "answer": 0}, headers=bearer(rater)
+        ),
+    ]
+    assert [r.status_code for r in not_served] == [409] * 2
+    assert all("not the pair served" in r.json()["detail"] for r in not_served)
+    for response in not_found + not_a_rater + not_served:
+        assert isinstance(response.json()["detail"], str) and "\n" not in response.json()["detail"]
     for answer in (3, -3, 1.5, "1", True, None):
-        body = {"rater": rater, "pair": pair, "answer": answer}
-        assert client.post(f"/v1/studies/{study_id}/ratings", json=body).status_code == 422, answer
+        body = {"pair": pair, "answer": answer}
+        assert (
+            client.post(f"/v1/studies/{study_id}/ratings", json=body, headers=bearer(rater)).status_code
+            == 422
+        )
+    for body in ({"pair": pair}, {"pair": 7, "answer": 0}, {"rater": rater, "pair": pair, "answer": 0}):
+        assert (
+            client.post(f"/v1/studies/{study_id}/ratings", json=body, headers=bearer(rater)).status_code
+            == 422
+        )
+    assert client.get(f"/v1/studies/{study_id}/next", headers=bearer(rater)).json()["rated"] == 0
+
+
+def test_a_rater_credential_in_a_query_string_is_refused_not_read(client: TestClient, study: dict) -> None:
+    # The finding: rater ids travelled in the query string, into access logs, and could be replayed.
+    rater = new_rater(client, study["id"])
+    for name in ("rater", "token", "access_token"):
+        refused = client.get(f"/v1/studies/{study['id']}/next", params={name: rater})
+        assert refused.status_code == 400 and "Authorization: Bearer" in refused.json()["detail"]
+        alongside = client.get(f"/v1/studies/{study['id']}/next", params={name: rater}, headers=bearer(rater))
+        assert alongside.status_code == 400  # refused even with the header: the URL already leaked it
+    assert client.get(f"/v1/studies/{study['id']}/next", headers=bearer(rater)).status_code == 200
+
+
+def test_an_invite_only_study_refuses_self_service_raters(client: TestClient, study: dict) -> None:
+    # The finding: POST .../raters issued any number of rater ids, with no invitation and no limit.
+    assert client.get(f"/v1/studies/{study['id']}").json()["open"] is False
+    refused = client.post(f"/v1/studies/{study['id']}/raters")
+    assert refused.status_code == 403 and "invitation only" in refused.json()["detail"]
+    tokens = invited(client, study["id"], 3)
+    assert len(set(tokens)) == 3 and all(len(t) >= 32 for t in tokens)
+    for token in tokens:
+        assert client.get(f"/v1/studies/{study['id']}/next", headers=bearer(token)).status_code == 200
+    assert client.post(f"/v1/admin/studies/{study['id']}/invitations", json={"count": 3}).status_code == 401
+    for count in (0, 10_001, "3", 2.5):
+        body = {"count": count}
+        response = client.post(f"/v1/admin/studies/{study['id']}/invitations", json=body, headers=ADMIN)
+        assert response.status_code == 422, count
     assert (
-        client.post(f"/v1/studies/{study_id}/ratings", json={"rater": rater, "pair": pair}).status_code == 422
+        client.post("/v1/admin/studies/nope/invitations", json={"count": 1}, headers=ADMIN).status_code == 404
     )
-    assert client.get(f"/v1/studies/{study_id}/next").status_code == 422
-    assert client.get(f"/v1/studies/{study_id}/next", params={"rater": "x" * 65}).status_code == 422
-    assert client.get(f"/v1/studies/{study_id}/next", params={"rater": rater}).json()["rated"] == 0
+
+
+def test_an_open_study_lets_a_client_join_a_few_times(store: StudyStore, pool: ModelPool, root: Path) -> None:
+    settings = ServeSettings(
+        models=pool.names, loader=lambda name, device=None: pool.get(name), db_url=store.url,
+        admin_token=TOKEN, study_images=root, raters_per_client=3, rater_window_s=600,
+    )  # fmt: skip
+    client = TestClient(create_app(settings))
+    opened = create(client, {**BODY, "methods": ["gradcam"], "max_images": 1, "open": True})
+    assert opened["open"] is True and client.get(f"/v1/studies/{opened['id']}").json()["open"] is True
+    joined = [client.post(f"/v1/studies/{opened['id']}/raters") for _ in range(3)]
+    assert [r.status_code for r in joined] == [201] * 3
+    tokens = [r.json()["token"] for r in joined]
+    assert [r.json()["link"] for r in joined] == [f"/studies/{opened['id']}#{t}" for t in tokens]
+    assert client.get(f"/v1/studies/{opened['id']}/next", headers=bearer(tokens[0])).status_code == 200
+    limited = client.post(f"/v1/studies/{opened['id']}/raters")
+    assert limited.status_code == 429 and 0 < int(limited.headers["retry-after"]) <= 600
+    assert "3 raters" in limited.json()["detail"]
+    # Other clients have their own allowance (TestClient's address is "testclient"; another one here).
+    other = TestClient(create_app(settings), client=("192.0.2.7", 50000))
+    assert other.post(f"/v1/studies/{opened['id']}/raters").status_code == 201
+    assert store.study(opened["id"]).raters == 4
 
 
 def test_concurrent_http_ratings_store_each_once(client: TestClient, store: StudyStore, study: dict) -> None:
     study_id = study["id"]
-    pair = next(iter(sides(store, study_id)))
-    raters = [new_rater(client, study_id) for _ in range(20)]
+    raters = invited(client, study_id, 20)
+    served = [client.get(f"/v1/studies/{study_id}/next", headers=bearer(r)).json()["pair"] for r in raters]
     before = len(store.ratings(study_id))
     barrier = threading.Barrier(30)
 
     def rate(i: int) -> int:
-        rater = raters[i] if i < 20 else raters[0]  # ten more submissions from the first rater
+        k = i if i < 20 else 0  # ten more submissions from the first rater
         barrier.wait()
-        body = {"rater": rater, "pair": pair, "answer": 0}
-        return client.post(f"/v1/studies/{study_id}/ratings", json=body).status_code
+        body = {"pair": served[k], "answer": 0}
+        return client.post(
+            f"/v1/studies/{study_id}/ratings", json=body, headers=bearer(raters[k])
+        ).status_code
 
     with ThreadPoolExecutor(30) as threads:
         codes = list(threads.map(rate, range(30)))
@@ -493,11 +579,10 @@ def test_results_score_from_the_stronger_side(
     answers = [2, 1, -1]  # three raters, each gives the same answer to both pairs
     for answer in answers:
         rater = new_rater(client, study_id)
-        for pair in side:
+        while not (shown := client.get(f"/v1/studies/{study_id}/next", headers=bearer(rater)).json())["done"]:
+            body = {"pair": shown["pair"], "answer": answer}
             assert (
-                client.post(
-                    f"/v1/studies/{study_id}/ratings", json={"rater": rater, "pair": pair, "answer": answer}
-                ).status_code
+                client.post(f"/v1/studies/{study_id}/ratings", json=body, headers=bearer(rater)).status_code
                 == 201
             )
     scores = [a if side[p] == "A" else -a for a in answers for p in side]  # by hand, from the stored sides
@@ -541,16 +626,25 @@ def test_openapi_documents_every_route_and_error(client: TestClient) -> None:
     schema = client.get("/openapi.json").json()
     paths = schema["paths"]
     expected = {
-        ("/v1/admin/folders", "get"): {"200", "401", "403", "404", "422"},
+        ("/v1/admin/folders", "get"): {"200", "401", "403", "404", "422", "503"},
         ("/v1/studies", "post"): {"202", "401", "403", "404", "422", "503"},
-        ("/v1/studies", "get"): {"200", "401", "403", "422"},
-        ("/v1/admin/studies/{study_id}", "get"): {"200", "401", "403", "404", "422"},
-        ("/v1/studies/{study_id}", "get"): {"200", "404", "409", "422"},
-        ("/v1/studies/{study_id}/raters", "post"): {"201", "404", "409", "422"},
-        ("/v1/studies/{study_id}/next", "get"): {"200", "404", "409", "422"},
-        ("/v1/studies/{study_id}/ratings", "post"): {"201", "404", "409", "422"},
-        ("/v1/studies/{study_id}/results", "get"): {"200", "401", "403", "404", "422"},
-        ("/v1/studies/{study_id}/ratings.csv", "get"): {"200", "401", "403", "404", "422"},
+        ("/v1/studies", "get"): {"200", "401", "403", "422", "503"},
+        ("/v1/admin/studies/{study_id}", "get"): {"200", "401", "403", "404", "422", "503"},
+        ("/v1/admin/studies/{study_id}/invitations", "post"): {
+            "201",
+            "401",
+            "403",
+            "404",
+            "409",
+            "422",
+            "503",
+        },
+        ("/v1/studies/{study_id}", "get"): {"200", "404", "409", "422", "503"},
+        ("/v1/studies/{study_id}/raters", "post"): {"201", "403", "404", "409", "422", "429", "503"},
+        ("/v1/studies/{study_id}/next", "get"): {"200", "400", "401", "404", "409", "422", "503"},
+        ("/v1/studies/{study_id}/ratings", "post"): {"201", "400", "401", "404", "409", "422", "503"},
+        ("/v1/studies/{study_id}/results", "get"): {"200", "401", "403", "404", "422", "503"},
+        ("/v1/studies/{study_id}/ratings.csv", "get"): {"200", "401", "403", "404", "422", "503"},
     }
     for (path, method), codes in expected.items():
         assert set(paths[path][method]["responses"]) == codes, (path, method)

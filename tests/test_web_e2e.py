@@ -330,15 +330,28 @@ def test_rate_a_study(page: Page, server: Server, tmp_path: Path) -> None:
             assert time.monotonic() < deadline, study
             time.sleep(0.1)
         scale = [step["answer"] for step in client.get(f"/v1/studies/{study['id']}").json()["scale"]]
+        invited = client.post(f"/v1/admin/studies/{study['id']}/invitations", json={"count": 1})
+        assert invited.status_code == 201, invited.text
+        [invitation] = invited.json()["invitations"]
     assert study["state"] == "ready", study
+    link = invitation["link"]
+    token = link.split("#", 1)[1]
     pairs = study["pairs"]
     assert pairs == len(methods) * study["kept"] and pairs >= len(methods), study
 
     with evidence(page, server, tmp_path, "study"):
         tid = page.get_by_test_id
-        page.goto(study["rater_path"])
+        page.goto(study["rater_path"])  # no invitation: the page says how to get in
+        expect(tid("error")).to_contain_text("by invitation")
+        expect(tid("pair")).to_be_hidden()
+
+        # The rater's token never travels in a URL: only in the Authorization header of rater calls.
+        sent: list[tuple[str, str | None]] = []
+        page.on("request", lambda request: sent.append((request.url, request.headers.get("authorization"))))
+        page.goto(link)
         expect(tid("study-name")).to_have_text("Pets and drinks")
         expect(tid("pair")).to_be_visible()
+        assert "#" not in page.url and token not in page.url  # taken off the address bar
         expect(tid("progress-total")).to_have_text(str(pairs))
         for number in range(1, pairs + 1):
             expect(tid("progress-current")).to_have_text(str(number))
@@ -354,6 +367,11 @@ def test_rate_a_study(page: Page, server: Server, tmp_path: Path) -> None:
         expect(tid("pair")).to_be_hidden()
         expect(tid("done-total")).to_have_text(str(pairs))
         expect(tid("error")).to_be_hidden()
+        assert all(token not in url for url, _ in sent)
+        rater_calls = [auth for url, auth in sent if url.endswith(("/next", "/ratings"))]
+        assert len(rater_calls) >= 2 * pairs and set(rater_calls) == {f"Bearer {token}"}
+        page.reload()  # the token was kept: the rater continues (here: done)
+        expect(tid("done")).to_be_visible()
 
         page.goto(study["results_path"])
         expect(tid("token-form")).to_be_visible()

@@ -276,9 +276,7 @@ def test_evaluate_an_hf_model_writes_every_methods_scores(hf_folders, tmp_path) 
     assert (out / "deletion.png").is_file() and (out / "insertion.png").is_file()
 
 
-@pytest.mark.parametrize(
-    "zoo", ["timm", "hf"]
-)
+@pytest.mark.parametrize("zoo", ["timm", "hf"])
 def test_sanity_randomises_a_zoo_model_block_by_block(zoo, hf_folders, tmp_path, one_thread) -> None:
     model = ["-m", TIMM, "--random-weights"] if zoo == "timm" else ["-m", hf_folders[0]]
     photos = [CAT] if zoo == "timm" else [CAT, COFFEE]  # ViT-Tiny: 16 steps, each 2 methods per image
@@ -397,8 +395,11 @@ def test_the_services_study_renders_pairs_of_two_hf_models(served, hf_folders) -
         time.sleep(0.05)
     assert study["state"] == "ready", study
     assert study["pairs"] == 6  # 3 images x 2 methods: both models put "cat" first
-    rater = served.post(f"/v1/studies/{study['id']}/raters").json()["rater"]
-    shown = served.get(f"/v1/studies/{study['id']}/next", params={"rater": rater}).json()
+    invitations = served.post(
+        f"/v1/admin/studies/{study['id']}/invitations", json={"count": 1}, headers=admin
+    ).json()["invitations"]
+    token = invitations[0]["link"].split("#", 1)[1]
+    shown = served.get(f"/v1/studies/{study['id']}/next", headers={"Authorization": f"Bearer {token}"}).json()
     assert shown["done"] is False and shown["class"] == "cat" and shown["total"] == 6
     a, b = decode_png(shown["robot_a"]), decode_png(shown["robot_b"])
     assert a.size == b.size and shown["robot_a"] != shown["robot_b"]  # two models, two pictures
@@ -446,7 +447,7 @@ def test_study_create_renders_the_pairs_of_two_hf_models(hf_folders, images, tmp
     with StudyStore(f"sqlite:///{db}") as store:
         (found,) = store.list_studies()
         assert (found.id, found.stronger_model, found.weaker_model) == (match[1], *hf_folders)
-        rater = store.issue_rater(found.id)
+        rater = store.invite(found.id)[0].rater
         seen = []
         while (pair := store.next_pair(found.id, rater)) is not None:
             seen.append(

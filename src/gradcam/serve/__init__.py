@@ -16,6 +16,12 @@ FastAPI application (:func:`gradcam.serve.app.create_app`). HTTP only: the work 
   method and layer (:mod:`gradcam.serve.batcher`). A study is rendered by one background worker
   (:mod:`gradcam.study.jobs`): ``POST /v1/studies`` answers 202 at once.
 - Hostile input: bodies over ``max_upload`` are refused with 413 as soon as their declared or streamed
-  size passes the limit; images over ``max_pixels`` 413 before decoding; non-images 415; corrupt images
-  and bad fields 422. No client string becomes a path.
+  size passes the limit, bodies that stall 408 (:mod:`.limits`); uploads are read as JPEG, PNG, WebP,
+  GIF, BMP or TIFF only (others 415), images over ``max_pixels`` 413 before any pixel is made, and the
+  pixels decoded at once are bounded (503 with Retry-After beyond); corrupt images and bad fields 422.
+  No client string becomes a path.
+- The study's raters come by invitation (a token in the link's URL fragment, sent as ``Authorization:
+  Bearer``, never in a URL) or, in an open study, join a few per client address; they may rate only the
+  pair served to them. A database that cannot be reached or written is a one-line 503, and
+  ``/healthz`` reads it.
 """

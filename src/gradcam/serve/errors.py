@@ -5,8 +5,14 @@
 - :class:`~gradcam.serve.batcher.Overloaded` (too many images waiting),
   :class:`~gradcam.serve.limits.DecodingBusy` (too many pixels being decoded) and
   :class:`~gradcam.study.jobs.Busy` (too many studies waiting): 503 with Retry-After;
-- :class:`~gradcam.study.store.NotFound`: 404 (a study, rater, pair, folder or annotations file);
-- :class:`~gradcam.study.store.DuplicateRating` and :class:`~gradcam.study.store.NotReady`: 409;
+- :class:`~gradcam.study.store.NotFound`: 404 (a study, pair, folder or annotations file);
+- :class:`~gradcam.study.store.NotARater`: 401 (no token of this study),
+  :class:`~gradcam.study.store.InviteOnly`: 403, :class:`~gradcam.study.store.TooManyRaters`: 429 with
+  Retry-After;
+- :class:`~gradcam.study.store.DuplicateRating`, :class:`~gradcam.study.store.NotServed` and
+  :class:`~gradcam.study.store.NotReady`: 409;
+- :class:`~gradcam.study.store.DatabaseUnavailable` (and any database error that escaped the store): 503
+  with Retry-After, the driver's detail logged, never sent;
 - any other :class:`~gradcam.errors.GradCAMError` (a bad field, an unserved model): 422;
 - ``RuntimeError``: 500, the model's own code failed on this input;
 - request validation: 422 naming the first invalid field; HTTP errors keep their status (413 from the
@@ -15,18 +21,34 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gradcam.errors import GradCAMError, ImageLoadError
 from gradcam.serve.batcher import Overloaded
 from gradcam.serve.limits import DecodingBusy, too_large_message
 from gradcam.study.jobs import Busy
-from gradcam.study.store import DuplicateRating, NotFound, NotReady, StudyError
+from gradcam.study.store import (
+    DatabaseUnavailable,
+    DuplicateRating,
+    InviteOnly,
+    NotARater,
+    NotFound,
+    NotReady,
+    NotServed,
+    StudyError,
+    TooManyRaters,
+)
+
+log = logging.getLogger("gradcam.serve")
+#: Seconds a client is asked to wait when the database is unavailable.
+DATABASE_RETRY_S = 5
 
 #: Status of each domain error (the most specific class registered wins).
 STATUS: dict[type[Exception], int] = {
@@ -34,7 +56,9 @@ STATUS: dict[type[Exception], int] = {
     StudyError: 422,
     NotFound: 404,
     DuplicateRating: 409,
+    NotServed: 409,
     NotReady: 409,
+    InviteOnly: 403,
 }
 #: Reasons of :class:`ImageLoadError` with a status of their own (else 422).
 IMAGE_STATUS = {"too-large": 413, "format": 415}
@@ -60,6 +84,21 @@ async def _image_error(request: Request, error: Exception) -> JSONResponse:
 async def _busy(request: Request, error: Exception) -> JSONResponse:
     retry = getattr(error, "retry_after", 1)
     return problem(503, str(error), {"Retry-After": str(retry)})
+
+
+async def _too_many_raters(request: Request, error: Exception) -> JSONResponse:
+    return problem(429, str(error), {"Retry-After": str(getattr(error, "retry_after", 60))})
+
+
+async def _not_a_rater(request: Request, error: Exception) -> JSONResponse:
+    return problem(401, str(error), {"WWW-Authenticate": "Bearer"})
+
+
+async def _database(request: Request, error: Exception) -> JSONResponse:
+    detail = getattr(error, "detail", "") or str(getattr(error, "orig", "") or error).strip()
+    log.error("study database unavailable on %s %s: %s", request.method, request.url.path, detail)
+    message = str(error) if isinstance(error, DatabaseUnavailable) else "the study database is unavailable"
+    return problem(503, message, {"Retry-After": str(DATABASE_RETRY_S)})
 
 
 async def _model_failure(request: Request, error: Exception) -> JSONResponse:
@@ -92,6 +131,10 @@ def install(app: FastAPI) -> None:
     app.add_exception_handler(Overloaded, _busy)
     app.add_exception_handler(DecodingBusy, _busy)
     app.add_exception_handler(Busy, _busy)
+    app.add_exception_handler(TooManyRaters, _too_many_raters)
+    app.add_exception_handler(NotARater, _not_a_rater)
+    app.add_exception_handler(DatabaseUnavailable, _database)
+    app.add_exception_handler(SQLAlchemyError, _database)
     app.add_exception_handler(RuntimeError, _model_failure)
     app.add_exception_handler(RequestValidationError, _invalid)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -47,8 +47,9 @@ class Problem(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = Field(description='"ok" once the served models are loaded.')
+    status: str = Field(description='"ok" once the served models are loaded and the database answers.')
     models: list[str] = Field(description="The served models, the default first.")
+    database: str = Field(description='"ok": the study database answered a read just now.')
 
 
 class ModelInfo(BaseModel):

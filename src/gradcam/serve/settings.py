@@ -33,6 +33,8 @@ class ServeSettings:
     slow_methods: bool = False  # offer Score-CAM and Ablation-CAM (minutes per image on a CPU)
     loader: Callable[..., models.LoadedModel] | None = None  # a models.load stand-in (tests)
     study_queue: int = CAPACITY  # studies that may wait for the rendering worker (more: 503)
+    raters_per_client: int = 5  # an open study's new raters per client address in rater_window_s
+    rater_window_s: int = 3600
 
     def __post_init__(self) -> None:
         if self.max_pixels < 1:

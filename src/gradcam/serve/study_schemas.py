@@ -13,10 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from gradcam.serve.schemas import FromRow, schema_of
 from gradcam.study.scale import HIGHEST, LOWEST, QUESTION, SCALE
-from gradcam.study.store import StudyRow
+from gradcam.study.store import MAX_INVITATIONS, StudyRow
 
 Name = Annotated[str, Field(min_length=1, max_length=200)]
-Token = Annotated[str, Field(min_length=1, max_length=64)]
 
 
 class ScaleStep(BaseModel):
@@ -65,6 +64,12 @@ class StudyCreate(BaseModel):
     seed: int | None = Field(
         None, ge=0, le=2**31 - 1, description="Seeds the sides and the image draw; random when omitted."
     )
+    open: bool = Field(
+        False,
+        description="Let raters join by themselves at the rater page (a limited number per client "
+        "address); by default a study takes raters by invitation only (POST "
+        "/v1/admin/studies/{id}/invitations).",
+    )
 
 
 class _StudyLinks(FromRow):
@@ -106,14 +111,39 @@ class _RaterView(FromRow):
 StudyPublic = schema_of(
     StudyRow,
     "StudyPublic",
-    include=("id", "name", "pairs"),
+    include=("id", "name", "pairs", "open"),
     base=_RaterView,
     doc="What a rater may know about a study: no model names.",
 )
 
 
-class RaterIssued(BaseModel):
-    rater: str = Field(description="The rater's id: keep it and send it with every call.")
+class RaterJoined(BaseModel):
+    """A new rater of an open study."""
+
+    token: str = Field(
+        description="The rater's secret: send it as `Authorization: Bearer <token>` with every rater call."
+    )
+    link: str = Field(description="The rater page with the token in its fragment (`/studies/<id>#<token>`).")
+
+
+class InvitationsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    count: Annotated[int, Field(strict=True, ge=1, le=MAX_INVITATIONS, description="Invitations to issue.")]
+
+
+class InvitationOut(BaseModel):
+    rater: str = Field(description="The rater's id, as results and the ratings CSV name them.")
+    link: str = Field(
+        description="The rater page for one person, `/studies/<id>#<token>`: the token is in the fragment, "
+        "which browsers never send (prefix it with the server's address). Shown once: only a hash of the "
+        "token is stored."
+    )
+
+
+class Invitations(BaseModel):
+    study: str
+    invitations: list[InvitationOut]
 
 
 class NextPair(BaseModel):
@@ -126,7 +156,7 @@ class NextPair(BaseModel):
     total: int = Field(description="Pairs in the study.")
     rated: int = Field(description="Pairs this rater has rated.")
     remaining: int = Field(description="Pairs this rater has still to rate (this one included).")
-    pair: int | None = None
+    pair: str | None = Field(None, description="The pair's opaque id: send it back with the answer.")
     class_index: int | None = None
     class_name: str | None = Field(None, alias="class", description="The class both robots predicted.")
     robot_a: str | None = Field(None, description="Robot A's picture: base64 PNG (no data: prefix).")
@@ -136,15 +166,17 @@ class NextPair(BaseModel):
 class RatingIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    rater: Token
-    pair: Annotated[int, Field(strict=True, ge=0, le=2**63 - 1)]  # a SQL BIGINT
+    pair: Annotated[
+        str,
+        Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9_-]+$", description="The pair /next served."),
+    ]
     answer: Annotated[
         int, Field(strict=True, ge=LOWEST, le=HIGHEST, description="One of the answers of `scale`.")
     ]
 
 
 class RatingStored(BaseModel):
-    pair: int
+    pair: str
     answer: int
     total: int
     rated: int

@@ -9,6 +9,9 @@ of the server's image root (:mod:`gradcam.study.folders`); no client string beco
 ``queued`` and answers 202 at once; one background worker renders it (:mod:`gradcam.study.jobs`), and
 ``GET /v1/admin/studies/{id}`` shows its state: queued, rendering (images done of total), ready, or
 failed with its one-line error. With the queue full the answer is 503 with Retry-After.
+
+A study takes raters by invitation only unless it was created ``open``:
+``POST /v1/admin/studies/{id}/invitations`` issues single-person links ``/studies/<id>#<token>``.
 """
 
 from __future__ import annotations
@@ -18,8 +21,18 @@ import secrets
 from fastapi import APIRouter, Depends, Response
 
 from gradcam.serve.dependencies import Jobs, Pool, Settings, Store, require_admin
-from gradcam.serve.routers.study import NO_STUDY, StudyId, problem
-from gradcam.serve.study_schemas import Folder, Folders, Results, StudyAdmin, StudyCreate, StudyList
+from gradcam.serve.routers.study import NO_STUDY, UNAVAILABLE, StudyId, problem
+from gradcam.serve.study_schemas import (
+    Folder,
+    Folders,
+    InvitationOut,
+    Invitations,
+    InvitationsIn,
+    Results,
+    StudyAdmin,
+    StudyCreate,
+    StudyList,
+)
 from gradcam.study import creation, folders
 from gradcam.study.pairs import list_images
 from gradcam.study.results import ratings_csv, results_dict, summarise
@@ -29,6 +42,7 @@ ADMIN_ERRORS = {
     401: problem("No `Authorization: Bearer <admin token>` header."),
     403: problem("Wrong admin token (or the server has none: admin calls are off)."),
     422: problem("A bad field."),
+    **UNAVAILABLE,
 }
 
 router = APIRouter(tags=["study admin"], dependencies=[Depends(require_admin)], responses=ADMIN_ERRORS)
@@ -93,6 +107,20 @@ def list_studies(store: Store) -> StudyList:
 )
 def study_state(study_id: StudyId, store: Store) -> StudyAdmin:  # type: ignore[valid-type]
     return StudyAdmin.model_validate(store.get_study(study_id))
+
+
+@router.post(
+    "/v1/admin/studies/{study_id}/invitations",
+    response_model=Invitations,
+    status_code=201,
+    responses={**NO_STUDY, 409: problem("The study failed to render: nobody can rate it.")},
+    summary="Issue single-person rater links (the token in the URL fragment)",
+)
+def invite(study_id: StudyId, body: InvitationsIn, store: Store) -> Invitations:  # type: ignore[valid-type]
+    made = store.invite(study_id, body.count)
+    return Invitations(
+        study=study_id, invitations=[InvitationOut(rater=i.rater, link=i.link(study_id)) for i in made]
+    )
 
 
 @router.get(

@@ -27,7 +27,7 @@ from gradcam import io, targets, viz
 from gradcam.errors import GradCAMError
 from gradcam.methods import registry
 from gradcam.models.pool import ModelPool
-from gradcam.serve.dependencies import BatcherDep, Decoding, Pool, Settings
+from gradcam.serve.dependencies import BatcherDep, Decoding, Pool, Settings, Store
 from gradcam.serve.render import (
     MAX_TARGETS,
     MIN_SCORE,
@@ -107,10 +107,17 @@ RawField = Annotated[bool, Form(description="Also return the raw map as a list o
 router = APIRouter()
 
 
-@router.get("/healthz", response_model=Health, tags=["service"])
-async def healthz(pool: Pool) -> dict:
-    """Liveness: the served models (all loaded before the first request is answered)."""
-    return {"status": "ok", "models": pool.names}
+@router.get(
+    "/healthz",
+    response_model=Health,
+    tags=["service"],
+    responses={503: {"model": Problem, "description": "The study database cannot be reached."}},
+)
+async def healthz(pool: Pool, store: Store) -> dict:
+    """Readiness: the served models (all loaded before the first request is answered) and the study
+    database, reached with a read (503 when it cannot be, or when its SQLite file is gone)."""
+    await run_in_threadpool(store.health)
+    return {"status": "ok", "models": pool.names, "database": "ok"}
 
 
 @router.get("/v1/models", response_model=Models, tags=["service"])

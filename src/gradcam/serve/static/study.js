@@ -1,14 +1,18 @@
 // The rater's page of a trust study (study.html documents the page and its data-testid attributes).
-// Flow: GET the study's public info; take the rater id from localStorage or POST .../raters for a new
-// one; GET .../next and show the pair; each answer POSTs .../ratings and shows the next pair. A 409
-// (already rated, e.g. a second tab) just moves on. The answer buttons are made from the study's `scale`
-// (the server's wording); a study still rendering (409) shows the server's message. No external URLs;
-// works from any path prefix.
+// Flow: GET the study's public info; take the rater's token from the address's fragment (an invitation
+// link /studies/<id>#<token>: browsers never send the fragment), else from localStorage, else, for an
+// open study, POST .../raters for a new one; the fragment is then taken off the address bar. Every rater
+// call sends the token as Authorization: Bearer, never in a URL. GET .../next shows the pair; each answer
+// POSTs .../ratings and shows the next pair. A 409 (already rated, e.g. a second tab) just moves on. The
+// answer buttons are made from the study's `scale` (the server's wording); a study still rendering (409)
+// shows the server's message. No external URLs; works from any path prefix.
 "use strict";
 
 (() => {
   const { studyId, api, byTestId, storage, ApiError } = window.gradcamStudyPage;
-  const storageKey = `gradcam-study-rater:${studyId}`;
+  const storageKey = `gradcam-study-token:${studyId}`;
+  const INVITATION_ONLY =
+    "This study takes raters by invitation: open the link you were sent (it ends in #...).";
 
   const el = {
     name: byTestId("study-name"),
@@ -27,14 +31,25 @@
     buttons: [],
   };
 
-  let rater = null;
+  let token = null; // the rater's secret
+  let open = false; // the study lets raters join by themselves
   let current = null; // the pair on screen: {pair, ...}
   let busy = false;
 
-  const store = storage("localStorage", storageKey); // the rater id; in memory only if unavailable
+  const store = storage("localStorage", storageKey); // the token; in memory only if unavailable
+
+  /** The token of an invitation link, taken off the address bar (kept in storage for reloads). */
+  function tokenFromLink() {
+    const fragment = decodeURIComponent(window.location.hash.replace(/^#/, "")).trim();
+    if (!fragment) return null;
+    store.set(fragment);
+    window.history.replaceState(null, "", window.location.pathname + window.location.search);
+    return fragment;
+  }
 
   async function call(method, url, body) {
     const options = { method, headers: { Accept: "application/json" } };
+    if (token) options.headers.Authorization = `Bearer ${token}`;
     if (body !== undefined) {
       options.headers["Content-Type"] = "application/json";
       options.body = JSON.stringify(body);
@@ -69,22 +84,25 @@
   }
 
   async function newRater() {
-    const issued = await call("POST", `${api}/raters`);
-    rater = issued.rater;
-    store.set(rater);
-    return rater;
+    if (!open) throw new ApiError(401, INVITATION_ONLY);
+    token = null;
+    const joined = await call("POST", `${api}/raters`);
+    token = joined.token;
+    store.set(token);
+    return token;
   }
 
   async function fetchNext() {
-    const url = () => `${api}/next?rater=${encodeURIComponent(rater)}`;
     try {
-      return await call("GET", url());
+      return await call("GET", `${api}/next`);
     } catch (error) {
-      // A rater id this study does not know (a reset database, an id from elsewhere): start afresh once.
-      if (error.status !== 404 || !/rater/.test(error.message)) throw error;
+      // A token this study does not know (a reset database, a link of another study): start afresh once
+      // where the study is open; else the rater needs their own link.
+      if (error.status !== 401) throw error;
       store.forget();
+      if (!open) throw new ApiError(401, `${error.message}. ${INVITATION_ONLY}`);
       await newRater();
-      return call("GET", url());
+      return call("GET", `${api}/next`);
     }
   }
 
@@ -139,9 +157,10 @@
     showError("");
     try {
       try {
-        await call("POST", `${api}/ratings`, { rater, pair: current.pair, answer: value });
+        await call("POST", `${api}/ratings`, { pair: current.pair, answer: value });
       } catch (error) {
-        if (error.status !== 409) throw error; // 409: already rated (another tab); the first answer stands
+        // 409: already rated (another tab: the first answer stands), or no longer the pair served
+        if (error.status !== 409) throw error;
       }
       await advance();
     } catch (error) {
@@ -155,11 +174,13 @@
     setBusy(true);
     try {
       if (!studyId) throw new ApiError(404, "This address names no study.");
+      const linked = tokenFromLink();
       const info = await call("GET", api);
+      open = Boolean(info.open);
       makeButtons(info.scale);
       el.name.textContent = info.name;
       document.title = `${info.name}: which robot is more reliable?`;
-      rater = store.get() || (await newRater());
+      token = linked || store.get() || (await newRater());
       await advance();
     } catch (error) {
       el.loading.hidden = true;
@@ -168,6 +189,11 @@
       setBusy(false);
     }
   }
+
+  // An invitation link opened over this page (only the fragment changes, so the page does not reload).
+  window.addEventListener("hashchange", () => {
+    if (window.location.hash.length > 1) start();
+  });
 
   start();
 })();
