@@ -31,7 +31,7 @@ from gradcam import viz
 from gradcam.batch.inputs import collect_images
 from gradcam.errors import GradCAMError, ImageLoadError
 from gradcam.explanation import normalise, upsample
-from gradcam.io import load_image
+from gradcam.io import UPLOAD_FORMATS, load_image
 from gradcam.methods import registry
 from gradcam.metrics.annotations import load_annotations
 from gradcam.models import LoadedModel, model_device
@@ -286,7 +286,7 @@ def _selectable(
             skipped.append(Skipped(name, "not in the annotations"))
             continue
         try:
-            out.append((name, load_image(path)))
+            out.append((name, load_image(path, formats=UPLOAD_FORMATS)))  # the service's formats
         except ImageLoadError as error:
             skipped.append(Skipped(name, f"unreadable: {str(error).removeprefix(f'{path}: ')}"))
     return out
