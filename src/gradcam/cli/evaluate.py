@@ -39,6 +39,7 @@ from gradcam.cli.common import (
 from gradcam.errors import GradCAMError, ImageLoadError
 from gradcam.files import atomic_write_bytes
 from gradcam.methods.maps import unnormalise
+from gradcam.metrics import catalogue
 from gradcam.metrics.annotations import load_annotations
 from gradcam.metrics.evaluation import EvaluationSettings, evaluate
 from gradcam.metrics.report import write_evaluation
@@ -66,7 +67,7 @@ def _progress() -> Progress:
 def _names(text: str, option: str) -> tuple[str, ...]:
     names = tuple(part.strip() for part in text.split(",") if part.strip())
     if not names:
-        raise fail(f"{option} is empty; expected comma-separated method names")
+        raise fail(f"{option} is empty; expected comma-separated names")
     return names
 
 
@@ -114,11 +115,20 @@ def evaluate_command(
     layer: Annotated[str | None, typer.Option(help="CAM layer (default: automatic).")] = None,
     layout: LayoutOption = None,
     seed: Annotated[int, typer.Option(help="Seed of the random baseline and ROAD's noise.")] = 0,
+    metrics: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated metrics: 'standard' (the set above) and any of "
+            + ", ".join(catalogue.names()[1:])
+            + " (gradcam.metrics.catalogue)."
+        ),
+    ] = catalogue.STANDARD,
     device: DeviceOption = "cpu",
 ) -> None:
     """Score explanation methods and the random, center and sobel baselines against annotated boxes:
-    pointing game, localisation, deletion/insertion AUC, Average Drop / Increase, ROAD. Writes
-    metrics.json, report.md, items.jsonl and the curve plots."""
+    pointing game, localisation, deletion/insertion AUC, Average Drop / Increase, ROAD (the standard
+    set), and the further metrics --metrics names. Writes metrics.json, report.md, items.jsonl and, for
+    the standard set, the curve plots."""
     torch_device = parse_device(device)
     if not images_dir.is_dir():
         raise fail(f"IMAGES_DIR {images_dir} is not a folder")
@@ -132,6 +142,7 @@ def evaluate_command(
             layer=layer,
             layout=layout,
             seed=seed,
+            metrics=tuple(_names(metrics, "--metrics")),
         )
         loaded = load_model(model, weights, labels, random_weights).to(torch_device)
         boxes = load_annotations(annotations, loaded.labels, mapping=label_map)
@@ -178,15 +189,25 @@ def _print_summary(metrics: dict) -> None:
         ("insertion", "insertion_auc"),
         ("avg drop %", "average_drop"),
         ("incr. %", "increase_in_confidence"),
+        ("ROAD comb.", "road.combined"),
     ]
+    columns += [(name.replace("_", " "), name) for name in metrics.get("better", {})]
+    shown = [(t, k) for t, k in columns if any(_get(s, k) is not None for s in metrics["methods"].values())]
     table.add_column("method")
-    for title, _ in columns:
-        table.add_column(title, justify="right")
-    table.add_column("ROAD comb.", justify="right")
+    for title, key in shown:
+        arrow = {"higher": " ↑", "lower": " ↓"}.get(metrics.get("better", {}).get(key, ""), "")
+        table.add_column(title + arrow, justify="right")
     for name, summary in metrics["methods"].items():
-        cells = [f"{summary[key]:.3f}" for _, key in columns]
-        table.add_row(escape(name), *cells, f"{summary['road']['combined']:.3f}")
+        values = [_get(summary, key) for _, key in shown]
+        table.add_row(escape(name), *("n/a" if v is None else f"{v:.3f}" for v in values))
     stdout.print(table)
+
+
+def _get(summary: dict, key: str) -> float | None:
+    value: object = summary
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value if isinstance(value, int | float) else None
 
 
 @app.command("sanity")

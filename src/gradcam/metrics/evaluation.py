@@ -10,6 +10,8 @@ method's maps with:
 - the top-1 / top-5 localisation error of the Grad-CAM paper (annotated targets);
 - deletion and insertion AUC, Average Drop / Increase in Confidence and ROAD, on the model's inputs.
 
+That is the ``standard`` set; ``metrics`` may name more (:mod:`gradcam.metrics.catalogue`: complexity,
+relevance-mass localisation, pixel flipping, robustness, randomisation), or leave the standard set out.
 The baselines ``random``, ``center`` and ``sobel`` are always scored beside the methods.
 """
 
@@ -26,6 +28,7 @@ from PIL import Image
 from gradcam import io
 from gradcam.errors import GradCAMError, ImageLoadError
 from gradcam.explanation import normalise, upsample
+from gradcam.metrics import catalogue
 from gradcam.metrics import localization as loc
 from gradcam.metrics.annotations import Annotation, AnnotationSet, boxes_of
 from gradcam.metrics.confidence import ConfidenceChange, confidence_change, win_percentage
@@ -53,8 +56,10 @@ class EvaluationSettings:
     layer: str | None = None
     layout: str | None = None
     seed: int = 0
+    metrics: tuple[str, ...] = (catalogue.STANDARD,)
 
     def __post_init__(self) -> None:
+        catalogue.check(tuple(self.metrics))
         if self.target not in TARGET_MODES:
             raise GradCAMError(f"target must be one of {', '.join(TARGET_MODES)}; got '{self.target}'")
         if not self.methods:
@@ -64,6 +69,16 @@ class EvaluationSettings:
             raise GradCAMError(f"method '{unknown[0]}' not found; available: {', '.join(names())}")
         if self.batch_size < 1:
             raise GradCAMError(f"batch size must be a positive integer, got {self.batch_size}")
+
+    @property
+    def standard(self) -> bool:
+        """Whether the evaluation's own set of metrics runs."""
+        return catalogue.STANDARD in self.metrics
+
+    @property
+    def more(self) -> list[str]:
+        """The catalogue's metrics named, in order."""
+        return [name for name in dict.fromkeys(self.metrics) if name != catalogue.STANDARD]
 
     @property
     def evaluated(self) -> list[str]:
@@ -86,6 +101,8 @@ class MethodScores:
     road_morf: list[torch.Tensor] = field(default_factory=list)
     road_lerf: list[torch.Tensor] = field(default_factory=list)
     road_combined: list[torch.Tensor] = field(default_factory=list)
+    count: int = 0  # targets scored
+    more: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # the catalogue's, per batch
 
     def confidence(self) -> ConfidenceChange:
         return ConfidenceChange(torch.cat(self.original), torch.cat(self.explained))
@@ -98,7 +115,18 @@ class MethodScores:
         """The mean deletion or insertion curve over every target, (S+1,)."""
         return torch.cat(getattr(self, kind)).mean(dim=0)
 
-    def summary(self, annotated: bool) -> dict[str, object]:
+    def summary(self, annotated: bool, standard: bool = True) -> dict[str, object]:
+        """The method's numbers: the standard set (when it ran) and the mean of each further metric
+        over the targets where it is defined (null where it is nowhere)."""
+        out: dict[str, object] = {"targets": self.count}
+        if standard:
+            out.update(self._standard(annotated))
+        for name, values in self.more.items():
+            mean = torch.cat(values).double().nanmean()
+            out[name] = None if torch.isnan(mean) else float(mean)
+        return out
+
+    def _standard(self, annotated: bool) -> dict[str, object]:
         n = len(self.pointing)
         confidence = self.confidence()
         top = {}
@@ -108,7 +136,6 @@ class MethodScores:
                 "top5_localization_error": loc.localization_error(self.localized, self.label_rank, 5),
             }
         return {
-            "targets": n,
             "pointing_game": sum(self.pointing) / n,
             "localization_accuracy": sum(self.localized) / n,
             **top,
@@ -137,23 +164,28 @@ class EvaluationResult:
     skipped: list[dict[str, str]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, object]:
-        annotated = self.settings.target == "annotated"
-        done = {name: s for name, s in self.scores.items() if s.pointing}
+        annotated, standard = self.settings.target == "annotated", self.settings.standard
+        done = {name: s for name, s in self.scores.items() if s.count}
         wins = {
             a: {b: win_percentage(sa.confidence(), sb.confidence()) for b, sb in done.items() if b != a}
-            for a, sa in done.items()
+            for a, sa in (done.items() if standard else ())
         }
         settings = asdict(self.settings)
         settings["methods"] = list(self.settings.methods)
         settings["road_fractions"] = list(self.settings.road_fractions)
+        settings["metrics"] = list(self.settings.metrics)
         return {
             "model": self.model,
             "images": self.images,
-            "targets": len(next(iter(done.values())).pointing) if done else 0,
+            "targets": next(iter(done.values())).count if done else 0,
             "target": self.settings.target,
             "baselines": list(BASELINES),
             "settings": settings,
-            "methods": {name: s.summary(annotated) for name, s in done.items()},
+            "better": {
+                name: "higher" if catalogue.get(name).higher_is_better else "lower"
+                for name in self.settings.more
+            },
+            "methods": {name: s.summary(annotated, standard) for name, s in done.items()},
             "win_percentage": wins,
             "errors": self.errors,
             "skipped": self.skipped,
@@ -296,7 +328,7 @@ def _evaluate_batch(
     # The unperturbed probabilities come from the forward that ranked the classes: no second pass.
     base = torch.softmax(logits.double(), dim=1)[rows, labels.cpu()]
     scored = {
-        name: _score(explain, model, inputs, labels, targets, settings, black, base)
+        name: _score(explain, model, inputs, labels, targets, settings, black, base, logits.shape[1])
         for name, explain in maps_of.items()
     }
     # Only once every method has scored the batch: a failure leaves no method with more targets than another.
@@ -315,11 +347,59 @@ def _score(
     settings: EvaluationSettings,
     black: torch.Tensor,
     base: torch.Tensor,
+    classes: int,
 ) -> tuple[Callable[[MethodScores], None], list[dict[str, object]]]:
     """One method's metrics on one batch of targets: a function adding them to the method's scores,
     and the per-target records."""
     raw = explain(inputs, labels).detach().float().cpu()
     maps = normalise(upsample(raw, (inputs.shape[2], inputs.shape[3])))
+    framed = [normalise(upsample(raw[row], target.frame_size)) for row, target in enumerate(targets)]
+    records = [{"image": str(t.path), "label": t.label} for t in targets]
+    updates: list[Callable[[MethodScores], None]] = []
+    if settings.standard:
+        updates.append(
+            _standard(model, inputs, maps, framed, labels, targets, settings, black, base, records)
+        )
+    if settings.more:
+        batch = catalogue.MetricBatch(
+            model, inputs, maps, labels, explain, framed, [t.boxes for t in targets], classes, settings.seed,
+            settings.batch_size,
+        )  # fmt: skip
+        more = {name: catalogue.get(name).score(batch).detach().double().cpu() for name in settings.more}
+        for row, record in enumerate(records):
+            record.update({name: _number(values[row]) for name, values in more.items()})
+        updates.append(lambda scores: _add_more(scores, more))
+
+    def update(scores: MethodScores) -> None:
+        scores.count += len(targets)
+        for step in updates:
+            step(scores)
+
+    return update, records
+
+
+def _add_more(scores: MethodScores, more: dict[str, torch.Tensor]) -> None:
+    for name, values in more.items():
+        scores.more.setdefault(name, []).append(values)
+
+
+def _number(value: torch.Tensor) -> float | None:
+    return None if torch.isnan(value) else float(value)
+
+
+def _standard(
+    model: torch.nn.Module,
+    inputs: torch.Tensor,
+    maps: torch.Tensor,
+    framed: list[torch.Tensor],
+    labels: torch.Tensor,
+    targets: list[_Target],
+    settings: EvaluationSettings,
+    black: torch.Tensor,
+    base: torch.Tensor,
+    records: list[dict[str, object]],
+) -> Callable[[MethodScores], None]:
+    """The standard set on one batch: fills ``records``, returns the update of the method's scores."""
     common = {"model": model, "inputs": inputs, "maps": maps, "targets": labels}
     size = settings.batch_size
     removed = deletion(**common, steps=settings.steps, batch_size=size, unperturbed=base)
@@ -328,19 +408,16 @@ def _score(
     roads = road_curves(
         **common, fractions=settings.road_fractions, seed=settings.seed, batch_size=size, base=base
     )
-    pointed, localized, records = [], [], []
+    pointed, localized = [], []
     for row, target in enumerate(targets):
-        framed = normalise(upsample(raw[row], target.frame_size))
-        pointed.append(loc.pointing_hit(framed, target.boxes, tolerance=settings.tolerance))
+        pointed.append(loc.pointing_hit(framed[row], target.boxes, tolerance=settings.tolerance))
         localized.append(
             loc.localization_hit(
-                framed, target.boxes, threshold=settings.box_threshold, min_iou=settings.min_iou
+                framed[row], target.boxes, threshold=settings.box_threshold, min_iou=settings.min_iou
             )
         )
-        records.append(
+        records[row].update(
             {
-                "image": str(target.path),
-                "label": target.label,
                 "pointing_hit": pointed[-1],
                 "localized": localized[-1],
                 "deletion_auc": float(removed.auc[row]),
@@ -363,4 +440,4 @@ def _score(
         scores.localized += localized
         scores.label_rank += [t.label_rank for t in targets]
 
-    return update, records
+    return update

@@ -10,6 +10,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from gradcam.files import atomic_write_bytes
+from gradcam.metrics import catalogue
 from gradcam.metrics.evaluation import EvaluationResult
 from gradcam.metrics.saliency import BASELINES
 from gradcam.viz import save_figure
@@ -46,7 +47,11 @@ def markdown(metrics: dict) -> str:
     """The report: a table of every metric per method (the best value of each column in bold), the
     Win % matrix, the protocol, and the skipped images."""
     methods: dict[str, dict] = metrics["methods"]
-    columns = [c for c in _COLUMNS if any(_value(s, c[0]) is not None for s in methods.values())]
+    more = [
+        (name, name.replace("_", " "), better == "higher")
+        for name, better in metrics.get("better", {}).items()
+    ]
+    columns = [c for c in _COLUMNS + more if any(_value(s, c[0]) is not None for s in methods.values())]
     best = {}
     for key, _, higher in columns:
         values = [v for s in methods.values() if (v := _value(s, key)) is not None]
@@ -78,12 +83,25 @@ def markdown(metrics: dict) -> str:
         for a in names:
             cells = ["—" if a == b else f"{wins[a][b]:.1f}" for b in names]
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
-    settings = metrics["settings"]
-    steps = settings["steps"] if settings["steps"] is not None else "one image row per step (RISE)"
+    lines += ["", "## Protocol", ""]
+    if catalogue.STANDARD in metrics["settings"].get("metrics", [catalogue.STANDARD]):
+        lines += _standard_protocol(metrics["settings"])
     lines += [
-        "",
-        "## Protocol",
-        "",
+        f"- {name.replace('_', ' ')}: {catalogue.get(name).description}."
+        for name in metrics.get("better", {})
+    ]
+    if metrics["errors"]:
+        lines += ["", f"## Errors ({len(metrics['errors'])})", ""]
+        lines += [f"- {e['error']}" for e in metrics["errors"]]
+    if metrics["skipped"]:
+        lines += ["", f"## Skipped ({len(metrics['skipped'])})", ""]
+        lines += [f"- `{e['image']}`: {e['reason']}" for e in metrics["skipped"]]
+    return "\n".join(lines) + "\n"
+
+
+def _standard_protocol(settings: dict) -> list[str]:
+    steps = settings["steps"] if settings["steps"] is not None else "one image row per step (RISE)"
+    return [
         f"- Box: largest 8-connected segment of the map >= {settings['box_threshold']} x its maximum "
         f"(Grad-CAM paper); correct when IoU >= {settings['min_iou']} with a ground-truth box.",
         f"- Pointing game: the map's maximum within {settings['tolerance']} px of a box of the class.",
@@ -96,14 +114,8 @@ def markdown(metrics: dict) -> str:
         + "; combined = mean (LeRF - MoRF) / 2.",
         "",
         "![deletion curves](deletion.png) ![insertion curves](insertion.png)",
+        "",
     ]
-    if metrics["errors"]:
-        lines += ["", f"## Errors ({len(metrics['errors'])})", ""]
-        lines += [f"- {e['error']}" for e in metrics["errors"]]
-    if metrics["skipped"]:
-        lines += ["", f"## Skipped ({len(metrics['skipped'])})", ""]
-        lines += [f"- `{e['image']}`: {e['reason']}" for e in metrics["skipped"]]
-    return "\n".join(lines) + "\n"
 
 
 def plot_curves(result: EvaluationResult, kind: str, path: str | os.PathLike[str]) -> Path:
@@ -137,7 +149,7 @@ def write_evaluation(result: EvaluationResult, out: str | os.PathLike[str]) -> d
             folder / "items.jsonl", "".join(json.dumps(r) + "\n" for r in result.records).encode()
         ),
     }
-    if metrics["methods"]:
+    if metrics["methods"] and result.settings.standard:
         written["deletion"] = plot_curves(result, "deletion", folder / "deletion.png")
         written["insertion"] = plot_curves(result, "insertion", folder / "insertion.png")
     written["report"] = atomic_write_bytes(folder / "report.md", markdown(metrics).encode())
