@@ -8,6 +8,7 @@ from gradcam.methods.base import CAM, MapContext
 from gradcam.methods.baseline import RandomCAM
 from gradcam.methods.classic import ClassActivationMap
 from gradcam.methods.eigen import EigenCAM, EigenGradCAM, KernelPCACAM
+from gradcam.methods.fullgrad import FullGrad
 from gradcam.methods.gradient import (
     FinerCAM,
     GradCAM,
@@ -47,6 +48,7 @@ __all__ = [
     "EigenCAM",
     "EigenGradCAM",
     "FinerCAM",
+    "FullGrad",
     "GradCAM",
     "GradCAMElementWise",
     "GenericAttention",

@@ -26,6 +26,7 @@ from gradcam.methods.base import CAM
 from gradcam.methods.baseline import RandomCAM
 from gradcam.methods.classic import ClassActivationMap
 from gradcam.methods.eigen import EigenCAM, EigenGradCAM, KernelPCACAM
+from gradcam.methods.fullgrad import FullGrad
 from gradcam.methods.gradient import (
     FinerCAM,
     GradCAM,
@@ -128,6 +129,10 @@ _ENTRIES: tuple[Method, ...] = (
     Method(
         "kpcacam", "cam", KernelPCACAM,
         "KPCA-CAM (Karmani et al., 2024): first kernel principal component of the activations (sigmoid)",
+    ),
+    Method(
+        "fullgrad", "cam", FullGrad,
+        "FullGrad (Srinivas & Fleuret, NeurIPS 2019): |input x gradient| + |bias x gradient| of every layer",
     ),
     Method(
         "rollout", "attention", AttentionRollout,
