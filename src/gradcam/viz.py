@@ -334,3 +334,58 @@ def frame_strip(frames: Sequence[Image.Image], columns: int | None = None, gap: 
         row, column = divmod(index, count)
         canvas.paste(frame.convert("RGB"), (column * (width + gap), row * (height + gap)))
     return canvas
+
+
+# ------------------------------------------------------------ concepts (Deep Feature Factorization)
+
+#: The most concepts an overlay tells apart: matplotlib's tab20 has 20 distinct colours.
+MAX_CONCEPTS = 20
+
+
+def concept_colors(count: int) -> list[tuple[int, int, int]]:
+    """``count`` distinct RGB colours, one per concept: matplotlib's tab10 for up to 10, tab20 above."""
+    if not 1 <= count <= MAX_CONCEPTS:
+        raise GradCAMError(f"concept colours: expected 1 to {MAX_CONCEPTS} concepts, got {count}")
+    table = matplotlib.colormaps["tab10" if count <= 10 else "tab20"].colors
+    return [tuple(int(round(255 * channel)) for channel in table[index][:3]) for index in range(count)]  # type: ignore[misc]
+
+
+def concept_overlay(
+    image: Image.Image, strengths: torch.Tensor | np.ndarray, alpha: float = OVERLAY_ALPHA
+) -> Image.Image:
+    """Colour each pixel of ``image`` by its strongest concept, weighted by that concept's strength.
+
+    ``strengths`` (C, h, w) holds values in [0, 1] (resized bilinearly to the image when the sizes
+    differ); with s = max_c strengths_c at a pixel and c* the concept reaching it, the pixel becomes
+    (1 - alpha s) * image + alpha s * colour(c*), colours from :func:`concept_colors`.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise GradCAMError(f"alpha must be between 0 and 1, got {alpha}")
+    if isinstance(strengths, torch.Tensor):
+        strengths = strengths.detach().to(device="cpu", dtype=torch.float32).numpy()
+    array = np.asarray(strengths, dtype=np.float32)
+    if array.ndim != 3:
+        raise GradCAMError(f"concept maps must be 3-D (C,H,W), got shape {array.shape}")
+    palette = np.asarray(concept_colors(array.shape[0]), dtype=np.float32)
+    base = image.convert("RGB")
+    fitted = np.stack([_fit(concept, base.size) for concept in array])
+    strongest, strength = fitted.argmax(axis=0), fitted.max(axis=0)[..., None] * alpha
+    pixels = (1.0 - strength) * np.asarray(base, dtype=np.float32) + strength * palette[strongest]
+    return Image.fromarray(np.clip(pixels.round(), 0, 255).astype(np.uint8), mode="RGB")
+
+
+def concept_legend(captions: Sequence[str]) -> Image.Image:
+    """One row per concept: its colour (:func:`concept_colors`) as a swatch and its caption (e.g. its
+    top classes), black on white, Pillow's default font."""
+    colors = concept_colors(len(captions))
+    font = _font(14)
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    row = draw.textbbox((0, 0), "Ag", font=font)[3] + 8
+    width = max(draw.textbbox((0, 0), caption, font=font)[2] for caption in captions) + 2 * row + 8
+    canvas = Image.new("RGB", (width, row * len(captions) + 4), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for index, (caption, color) in enumerate(zip(captions, colors, strict=True)):
+        top = 2 + index * row
+        draw.rectangle((4, top + 2, 4 + row - 4, top + row - 2), fill=color)
+        draw.text((row + 8, top + 4), caption, fill=(0, 0, 0), font=font)
+    return canvas

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -25,16 +27,21 @@ from gradcam.cli.common import (
     app,
     fail,
     load_model,
+    output_folder,
     parse_device,
     stdout,
 )
 from gradcam.cli.stream import ChunkProgress, stream, streams
 from gradcam.errors import GradCAMError
+from gradcam.files import atomic_write_bytes
+from gradcam.io import load_image
 from gradcam.layers import LayerInfo, backbone_stage, choose_layer, list_layers
 from gradcam.methods import registry
+from gradcam.methods.factorization import DeepFeatureFactorization
 from gradcam.models import torchvision_tasks
 from gradcam.pipeline import Explainer
 from gradcam.targets import parse_class
+from gradcam.viz import MAX_CONCEPTS, concept_legend, concept_overlay, save_png, shrink
 
 
 @app.command()
@@ -95,6 +102,9 @@ def explain(
         str | None,
         typer.Option(help="Ray cluster to use: auto, ray://head:10001 (default: start a local one)."),
     ] = None,
+    concepts: Annotated[
+        int, typer.Option(min=1, max=MAX_CONCEPTS, help="--method dff: concepts shared by the images.")
+    ] = 5,
 ) -> None:
     """Explain images: per image and class an overlay PNG, a panel PNG and the raw map (.npy), mirroring
     the input folders under --out, with manifest.jsonl (one line per image and class) and errors.jsonl.
@@ -105,8 +115,22 @@ def explain(
     of frames and write an animated overlay (GIF) and a frame strip.
 
     One engine for one image or a dataset: a rerun after an interruption finishes what is left, and a
-    handful of image files (at most 16) also gets its results printed as a table (or --json)."""
+    handful of image files (at most 16) also gets its results printed as a table (or --json).
+
+    --method dff (Deep Feature Factorization) finds --concepts concepts shared by all the images (one
+    batch) and writes per image a concept overlay, plus legend.png (concept, colour, top classes) and
+    concepts.json."""
     specs = [str(spec) for spec in images]
+    if method in registry.names(["concepts"]):
+        unused = {"--target": bool(target), "--topk": topk > 0, "--counterfactual": counterfactual,
+                  "--guided": guided, "--aug-smooth": aug_smooth, "--eigen-smooth": eigen_smooth,
+                  "--engine ray": engine != "local", "several --layer": len(layer or []) > 1}  # fmt: skip
+        for option, given in unused.items():
+            if given:
+                raise fail(f"{option} does not apply to --method {method} (concepts of a batch, no class)")
+        run = _ConceptRun(model, weights, labels, random_weights, layer[0] if layer else None, layout)
+        run.write(specs, concepts, out, device, overlay_size, as_json)
+        return
     try:
         video_model = models.task_of(model) == "video"
         files = collect_clips(specs) if video_model else collect_images(specs)
@@ -173,6 +197,61 @@ def _check_run_options(files: list[Path], engine: str, maps: str) -> None:
         raise fail("--maps npz is not available with --engine ray; use --maps npy")
 
 
+class _ConceptRun:
+    """``gradcam explain --method dff``: every image in one batch, one concept overlay per image."""
+
+    def __init__(self, model: str, weights: Path | None, labels: Path | None, random_weights: bool,
+                 layer: str | None, layout: str | None) -> None:  # fmt: skip
+        self.options = (model, weights, labels, random_weights)
+        self.layer, self.layout = layer, layout
+
+    def write(
+        self, specs: list[str], concepts: int, out: Path, device: str, overlay_size: int, as_json: bool
+    ) -> None:
+        try:
+            loaded = load_model(*self.options).to(parse_device(device))
+            if loaded.task != "classification":
+                raise GradCAMError(
+                    f"--method dff explains classifiers; {loaded.name} is a {loaded.task} model"
+                )
+            files = collect_images(specs)
+            if not files:
+                raise GradCAMError("no image files found in the given folders, globs or lists")
+            prepared = [loaded.preprocess.prepare(load_image(path)) for path in files]
+            batch = torch.stack([tensor for tensor, _ in prepared]).to(parse_device(device))
+            dff = DeepFeatureFactorization(loaded.module, self.layer, concepts=concepts, layout=self.layout)
+            found = dff(batch)
+        except GradCAMError as error:
+            raise fail(str(error)) from None
+        folder = output_folder(out)
+        strengths = found.strengths()
+        names = [path.name for path in files]
+        overlays = []
+        for index, (path, (_, frame)) in enumerate(zip(files, prepared, strict=True)):
+            name = path.name if names.count(path.name) == 1 else f"{index}-{path.name}"
+            target = folder / f"{name}_concepts.png"
+            save_png(concept_overlay(shrink(frame, overlay_size), strengths[index]), target)
+            overlays.append({"image": str(path), "overlay": str(target)})
+        top = [[{"index": c, "class": loaded.labels[c], "probability": round(p, 4)} for c, p in row]
+               for row in found.top_classes(3)]  # fmt: skip
+        captions = [
+            f"concept {index}: " + (", ".join(f"{c['class']} {c['probability']:.2f}" for c in row) or "-")
+            for index, row in enumerate(top)
+        ]
+        save_png(concept_legend(captions), folder / "legend.png")
+        document = {
+            "model": loaded.name, "method": "dff", "layer": found.layer, "concepts": found.count,
+            "reconstruction_error": round(found.error, 6), "legend": str(folder / "legend.png"),
+            "top_classes": top, "images": overlays,
+        }  # fmt: skip
+        text = json.dumps(document, indent=2)
+        atomic_write_bytes(folder / "concepts.json", text.encode())
+        if as_json:
+            sys.stdout.write(text + "\n")
+        else:
+            stdout.print("\n".join(captions), markup=False, highlight=False)
+
+
 @app.command("layers")
 def layers_command(
     model: ModelOption = models.DEFAULT,
@@ -223,14 +302,15 @@ def _layer_note(info: LayerInfo, chosen: str) -> str:
 
 @app.command("methods")
 def methods_command() -> None:
-    """List the methods: `--method` of explain takes the cam, attention and pixel kinds and randomcam;
-    `gradcam evaluate --methods` takes every one."""
+    """List the methods: `--method` of explain takes the cam, attention, pixel and concepts kinds and
+    randomcam; `gradcam evaluate --methods` takes every one but the concepts kind (dff)."""
     table = Table(title="Methods")
     table.add_column("name", no_wrap=True)
     table.add_column("kind", no_wrap=True)
     table.add_column("what it is", overflow="fold")
-    for entry in registry.entries():
-        notes = [entry.kind, "slow" if entry.slow else "", "" if entry.needs_model else "evaluate only"]
+    for entry in registry.entries(registry.KINDS):
+        only = "explain only" if entry.kind == "concepts" else ""
+        notes = [entry.kind, "slow" if entry.slow else "", "" if entry.needs_model else "evaluate only", only]
         kind = ", ".join(note for note in notes if note)
         table.add_row(entry.name, kind, escape(entry.description))
     stdout.print(table)

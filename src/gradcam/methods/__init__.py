@@ -8,6 +8,7 @@ from gradcam.methods.base import CAM, MapContext
 from gradcam.methods.baseline import RandomCAM
 from gradcam.methods.classic import ClassActivationMap
 from gradcam.methods.eigen import EigenCAM, EigenGradCAM, KernelPCACAM
+from gradcam.methods.factorization import Concepts, DeepFeatureFactorization
 from gradcam.methods.fullgrad import FullGrad
 from gradcam.methods.gradient import (
     FinerCAM,
@@ -45,6 +46,8 @@ __all__ = [
     "AttentionRollout",
     "CAM",
     "ClassActivationMap",
+    "Concepts",
+    "DeepFeatureFactorization",
     "EigenCAM",
     "EigenGradCAM",
     "FinerCAM",

@@ -11,7 +11,10 @@ Kinds:
 - ``pixel``: input-resolution gradients (Guided Backpropagation, Guided Grad-CAM);
 - ``baseline``: what a method has to beat: random channel weights on the layer (``randomcam``), and the
   model-free maps ``random``, ``center`` and ``sobel`` (:mod:`gradcam.methods.maps`), which need no model
-  and are offered by the evaluation only.
+  and are offered by the evaluation only;
+- ``concepts``: no map per class but concepts shared by a batch (Deep Feature Factorization,
+  :mod:`gradcam.methods.factorization`); only ``gradcam explain`` offers it, so the listings leave this
+  kind out unless it is asked for (:data:`MAP_KINDS` is their default).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from gradcam.methods.base import CAM
 from gradcam.methods.baseline import RandomCAM
 from gradcam.methods.classic import ClassActivationMap
 from gradcam.methods.eigen import EigenCAM, EigenGradCAM, KernelPCACAM
+from gradcam.methods.factorization import DeepFeatureFactorization
 from gradcam.methods.fullgrad import FullGrad
 from gradcam.methods.gradient import (
     FinerCAM,
@@ -41,8 +45,10 @@ from gradcam.methods.guided import GuidedBackprop, GuidedGradCAM
 from gradcam.methods.maps import center_baseline, random_baseline, sobel_baseline
 from gradcam.methods.score import AblationCAM, ScoreCAM
 
-Kind = Literal["cam", "attention", "pixel", "baseline"]
-KINDS: tuple[Kind, ...] = ("cam", "attention", "pixel", "baseline")
+Kind = Literal["cam", "attention", "pixel", "baseline", "concepts"]
+#: The kinds that give maps per class and image: what :func:`entries` and :func:`names` list by default.
+MAP_KINDS: tuple[Kind, ...] = ("cam", "attention", "pixel", "baseline")
+KINDS: tuple[Kind, ...] = (*MAP_KINDS, "concepts")
 
 
 @dataclass(frozen=True)
@@ -164,6 +170,10 @@ _ENTRIES: tuple[Method, ...] = (
         "sobel", "baseline", sobel_baseline,
         "Sobel edges of the picture's luma, an edge detector (Adebayo et al., NeurIPS 2018)",
     ),
+    Method(
+        "dff", "concepts", DeepFeatureFactorization,
+        "Deep Feature Factorization (Collins et al., ECCV 2018): NMF of a batch's activations, V ~= W H",
+    ),
 )  # fmt: skip
 _BY_NAME = {entry.name: entry for entry in _ENTRIES}
 
@@ -171,9 +181,10 @@ _BY_NAME = {entry.name: entry for entry in _ENTRIES}
 def entries(
     kinds: Iterable[Kind] | None = None, *, needs_model: bool | None = None, slow: bool | None = None
 ) -> list[Method]:
-    """The registered methods in their listing order, optionally only of ``kinds``, only those that need
-    (or do not need) a model, only slow (or only fast) ones."""
-    wanted = set(KINDS if kinds is None else kinds)
+    """The registered methods in their listing order, optionally only of ``kinds`` (default
+    :data:`MAP_KINDS`: not the ``concepts`` kind), only those that need (or do not need) a model, only slow
+    (or only fast) ones."""
+    wanted = set(MAP_KINDS if kinds is None else kinds)
     return [
         entry
         for entry in _ENTRIES
