@@ -4,12 +4,13 @@ What is measured: the wall-clock time of one whole call (forward, targets, gradi
 the map) of
 
 * ``model(x)`` under ``torch.inference_mode()``: the baseline;
-* gradcam's ``cam``, ``gradcam-elementwise``, ``kpcacam``, ``finercam`` and ``shapleycam`` on the
-  top-1 class, each followed by the peer that ships it, on the same model, layer and batch:
+* gradcam's ``cam``, ``gradcam-elementwise``, ``kpcacam``, ``finercam``, ``shapleycam`` and
+  ``fullgrad`` (every biased layer, no layer choice) on the top-1 class, each followed by the peer that
+  ships it, on the same model, layer and batch:
   torchcam's ``CAM`` (with its forward, as its extractor reads the forward's activations),
   pytorch-grad-cam's ``GradCAMElementWise``, ``KPCA_CAM``, ``FinerCAM`` (its default comparison:
-  the three nearest classes, alpha 1) and ``ShapleyCAM`` (with ``ClassifierOutputReST``, as gradcam's
-  default target), where importable;
+  the three nearest classes, alpha 1), ``ShapleyCAM`` (with ``ClassifierOutputReST``, as gradcam's
+  default target) and ``FullGrad``, where importable;
 
 for a torchvision classifier with random weights (default ``resnet18``) on a random batch (default
 4 x 3 x 224 x 224), layer ``layer4``.
@@ -36,7 +37,7 @@ import timing
 from gradcam import methods
 from timing import Contender
 
-OURS = ("cam", "gradcam-elementwise", "kpcacam", "finercam", "shapleycam")
+OURS = ("cam", "gradcam-elementwise", "kpcacam", "finercam", "shapleycam", "fullgrad")
 
 
 def _pgc(kind: str, model: nn.Module, layer: nn.Module, x: torch.Tensor, top: list[int]) -> Callable:
@@ -46,7 +47,7 @@ def _pgc(kind: str, model: nn.Module, layer: nn.Module, x: torch.Tensor, top: li
     target = ClassifierOutputReST if kind == "ShapleyCAM" else ClassifierOutputTarget
 
     def call() -> object:
-        cam = getattr(pgc, kind)(model=model, target_layers=[layer])
+        cam = getattr(pgc, kind)(model=model, target_layers=[] if kind == "FullGrad" else [layer])
         try:
             if kind == "FinerCAM":
                 return cam(input_tensor=x, targets=None, alpha=1.0)
@@ -75,6 +76,7 @@ PEERS: dict[str, tuple[str, Callable]] = {
     "kpcacam": ("pgc KPCA_CAM", lambda *a: _pgc("KPCA_CAM", *a)),
     "finercam": ("pgc FinerCAM", lambda *a: _pgc("FinerCAM", *a)),
     "shapleycam": ("pgc ShapleyCAM (ReST)", lambda *a: _pgc("ShapleyCAM", *a)),
+    "fullgrad": ("pgc FullGrad", lambda *a: _pgc("FullGrad", *a)),
 }
 
 
@@ -86,7 +88,7 @@ def contenders(
     listed = [timing.inference(model, x)]
     pairs: dict[str, tuple[Contender, Contender | None]] = {}
     for name in OURS:
-        cam = methods.get(name)(model, "layer4")
+        cam = methods.get(name)(model) if name == "fullgrad" else methods.get(name)(model, "layer4")
         ours = Contender(f"gradcam {name}", lambda cam=cam: cam(x))
         peer_name, make = PEERS[name]
         try:
