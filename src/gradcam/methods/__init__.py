@@ -21,6 +21,7 @@ from gradcam.methods.gradient import (
     XGradCAM,
 )
 from gradcam.methods.guided import GuidedBackprop, GuidedGradCAM
+from gradcam.methods.legrad import LeGrad
 from gradcam.methods.score import AblationCAM, ScoreCAM
 
 
@@ -61,6 +62,7 @@ __all__ = [
     "HiResCAM",
     "KernelPCACAM",
     "LayerCAM",
+    "LeGrad",
     "MapContext",
     "RandomCAM",
     "ScoreCAM",

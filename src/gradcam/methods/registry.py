@@ -42,6 +42,7 @@ from gradcam.methods.gradient import (
     XGradCAM,
 )
 from gradcam.methods.guided import GuidedBackprop, GuidedGradCAM
+from gradcam.methods.legrad import LeGrad
 from gradcam.methods.maps import center_baseline, random_baseline, sobel_baseline
 from gradcam.methods.score import AblationCAM, ScoreCAM
 
@@ -147,6 +148,10 @@ _ENTRIES: tuple[Method, ...] = (
     Method(
         "chefer", "attention", GenericAttention,
         "Generic attention relevance (Chefer et al., ICCV 2021): gradient-weighted attention, accumulated",
+    ),
+    Method(
+        "legrad", "attention", LeGrad,
+        "LeGrad (Bousselham et al., 2024): ReLU'd gradients of every layer's attention, averaged",
     ),
     Method(
         "guided-backprop", "pixel", GuidedBackprop,
