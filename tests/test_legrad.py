@@ -176,3 +176,61 @@ def test_registry_entry() -> None:
     assert methods.get("legrad") is methods.LeGrad
     assert "legrad" in methods.names()
     assert gradcam.Explanation is type(methods.LeGrad(vit(depth=1))(images(1)))
+
+
+def one_block_formula(model: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """With one block, s^1 is the model's own logit: E = mean_{heads, queries} ReLU(d y^c / d A), taken from
+    the model output with no head written here (the check of each model's readout), all keys (B, N)."""
+    ref = copy.deepcopy(model).eval()
+    probs: list[torch.Tensor] = []
+    for module in ref.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+        if type(module).__name__ == "Attention":
+            module.attn_drop.register_forward_hook(lambda m, i, o: probs.append(o))
+    if hasattr(ref, "config"):
+        out = ref(pixel_values=x, output_attentions=True)
+        logits, probs = out.logits, list(out.attentions)
+    else:
+        logits = ref(x)
+    assert len(probs) == 1
+    score = logits[torch.arange(x.shape[0]), targets]
+    (grad,) = torch.autograd.grad(score.sum(), probs[0])
+    return grad.relu().mean(dim=(1, 2))
+
+
+def one_block_models() -> dict[str, nn.Module]:
+    import transformers
+
+    from conftest import tiny_vit_options
+    from test_attention import sharpen
+
+    options = tiny_vit_options(num_labels=7, num_hidden_layers=1, attn_implementation="eager")
+    return {
+        "timm avg pool, no class token": vit(depth=1, global_pool="avg", class_token=False),
+        "timm avg pool with class token": vit(depth=1, global_pool="avg"),
+        "timm distilled": sharpen(
+            timm.create_model(
+                "deit_tiny_distilled_patch16_224",
+                pretrained=False,
+                img_size=32,
+                patch_size=8,
+                depth=1,
+                num_classes=7,
+            )
+        ),
+        "hugging face teacher": sharpen(
+            transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**options))
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(one_block_models()))
+def test_each_readout_scores_the_explained_logit(name: str) -> None:
+    model = one_block_models()[name]
+    x = images()
+    explanation = methods.LeGrad(model)(x, targets=[0, 4])
+    full = one_block_formula(model, x, torch.tensor([0, 4]))
+    prefix = full.shape[-1] - 16
+    assert_close(explanation.raw, full[:, prefix:].reshape(-1, 4, 4), rtol=1e-5)
+    assert explanation.raw.std() > 0
