@@ -22,6 +22,7 @@ from gradcam.methods.gradient import (
 )
 from gradcam.methods.guided import GuidedBackprop, GuidedGradCAM
 from gradcam.methods.legrad import LeGrad
+from gradcam.methods.noisy import ISCAM, SSCAM, SmoothGradCAMpp
 from gradcam.methods.score import AblationCAM, ScoreCAM
 
 
@@ -60,13 +61,16 @@ __all__ = [
     "GuidedBackprop",
     "GuidedGradCAM",
     "HiResCAM",
+    "ISCAM",
     "KernelPCACAM",
     "LayerCAM",
     "LeGrad",
     "MapContext",
     "RandomCAM",
+    "SSCAM",
     "ScoreCAM",
     "ShapleyCAM",
+    "SmoothGradCAMpp",
     "XGradCAM",
     "describe",
     "registry",

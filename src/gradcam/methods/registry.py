@@ -44,6 +44,7 @@ from gradcam.methods.gradient import (
 from gradcam.methods.guided import GuidedBackprop, GuidedGradCAM
 from gradcam.methods.legrad import LeGrad
 from gradcam.methods.maps import center_baseline, random_baseline, sobel_baseline
+from gradcam.methods.noisy import ISCAM, SSCAM, SmoothGradCAMpp
 from gradcam.methods.score import AblationCAM, ScoreCAM
 
 Kind = Literal["cam", "attention", "pixel", "baseline", "concepts"]
@@ -93,6 +94,10 @@ _ENTRIES: tuple[Method, ...] = (
         "gradcam++", "cam", GradCAMPlusPlus,
         "Grad-CAM++ (Chattopadhay et al., WACV 2018): higher-order weights of the positive gradients",
     ),
+    Method(
+        "smoothgradcam++", "cam", SmoothGradCAMpp,
+        "Smooth Grad-CAM++ (Omeiza et al., 2019): Grad-CAM++ of gradient moments averaged over noisy inputs",
+    ),
     Method("xgradcam", "cam", XGradCAM, "XGrad-CAM (Fu et al., BMVC 2020): activation-weighted gradients"),
     Method(
         "hirescam", "cam", HiResCAM,
@@ -118,6 +123,16 @@ _ENTRIES: tuple[Method, ...] = (
     Method(
         "scorecam", "cam", ScoreCAM,
         "Score-CAM (Wang et al., CVPR-W 2020): channels weighted by the confidence of masked inputs",
+        slow=True,
+    ),
+    Method(
+        "sscam", "cam", SSCAM,
+        "SS-CAM (Wang et al., 2020): Score-CAM with each channel's score averaged over noisy masks",
+        slow=True,
+    ),
+    Method(
+        "iscam", "cam", ISCAM,
+        "IS-CAM (Naidu et al., 2020): Score-CAM with each channel's score integrated over scaled masks",
         slow=True,
     ),
     Method(
