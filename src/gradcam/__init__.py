@@ -15,6 +15,8 @@ from gradcam.errors import GradCAMError, ImageLoadError
 from gradcam.explanation import Explanation
 from gradcam.layers import LayerInfo, find_layer, list_layers
 from gradcam.methods import (
+    ISCAM,
+    SSCAM,
     AblationCAM,
     AttentionRollout,
     ClassActivationMap,
@@ -36,6 +38,7 @@ from gradcam.methods import (
     RandomCAM,
     ScoreCAM,
     ShapleyCAM,
+    SmoothGradCAMpp,
     XGradCAM,
 )
 from gradcam.pipeline import Explainer, Result, explain
@@ -61,6 +64,7 @@ __all__ = [
     "GuidedBackprop",
     "GuidedGradCAM",
     "HiResCAM",
+    "ISCAM",
     "ImageLoadError",
     "KernelPCACAM",
     "LayerCAM",
@@ -68,8 +72,10 @@ __all__ = [
     "LeGrad",
     "RandomCAM",
     "Result",
+    "SSCAM",
     "ScoreCAM",
     "ShapleyCAM",
+    "SmoothGradCAMpp",
     "XGradCAM",
     "explain",
     "find_layer",
