@@ -10,10 +10,13 @@ import torchvision
 from torch import nn
 
 import gradcam
+from conftest import require
 from gradcam.errors import GradCAMError
 from gradcam.methods import ISCAM, SSCAM, GradCAMPlusPlus, ScoreCAM, SmoothGradCAMpp
 
-tc = pytest.importorskip("torchcam.methods")
+tc = require(
+    "torchcam.methods", "torchcam's noise-averaged CAMs are the oracles (the test extra installs torchcam)"
+)
 
 
 @pytest.fixture(scope="module")

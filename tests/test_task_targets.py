@@ -32,10 +32,11 @@ from torch import nn
 from torchvision.ops import box_iou
 
 import gradcam
+from conftest import require
 from gradcam.errors import GradCAMError
 from gradcam.targets import Box, Detections, Regression, Segmentation, Sigmoid, Similarity
 
-pgc = pytest.importorskip("pytorch_grad_cam")
+pgc = require("pytorch_grad_cam", "pytorch-grad-cam is the second oracle (the test extra installs grad-cam)")
 from pytorch_grad_cam import EigenCAM as PEigen  # noqa: E402
 from pytorch_grad_cam import GradCAM as PGC  # noqa: E402
 from pytorch_grad_cam.utils.model_targets import (  # noqa: E402
