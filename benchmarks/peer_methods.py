@@ -13,7 +13,16 @@ the map) of
   default target) and ``FullGrad``, where importable;
 
 for a torchvision classifier with random weights (default ``resnet18``) on a random batch (default
-4 x 3 x 224 x 224), layer ``layer4``.
+4 x 3 x 224 x 224), layer ``layer4``; then, on the same model:
+
+* ``smoothgradcam++`` (4 noisy samples, std 0.3) beside torchcam's ``SmoothGradCAMpp`` with the same;
+* ``dff`` (5 concepts) beside pytorch-grad-cam's ``DeepFeatureFactorization`` (5 components);
+* the slow Score-CAM variants ``sscam`` and ``iscam`` (one forward per channel and sample) with 2
+  samples each, beside torchcam's ``SSCAM`` and ``ISCAM`` with the same, on one image of
+  ``--score-size`` (default 64) pixels;
+* ``legrad`` beside torchcam's ``LeGrad`` (every layer, the class-token head as its score projection,
+  the definition gradcam's LeGrad uses) on a torchvision ``VisionTransformer`` with random weights
+  (image 224, patch 16, 6 layers, 6 heads, width 384) on the ``--batch``.
 
 How: the protocol of ``timing.py`` (warm-up, rounds in rotated order, medians and per-round ratios to
 the baseline). The closing lines give each method's per-round ratio beside its peer's.
@@ -35,6 +44,7 @@ from torch import nn
 
 import timing
 from gradcam import methods
+from gradcam.methods import registry
 from timing import Contender
 
 OURS = ("cam", "gradcam-elementwise", "kpcacam", "finercam", "shapleycam", "fullgrad")
@@ -101,6 +111,114 @@ def contenders(
     return listed, pairs
 
 
+def _report(listed: list[Contender], pairs: dict[str, tuple[Contender, Contender | None]]) -> None:
+    base = listed[0].times
+
+    def ratio(contender: Contender) -> float:
+        return statistics.median(t / b for t, b in zip(contender.times, base, strict=True))
+
+    for name, (ours, peer) in pairs.items():
+        theirs = "" if peer is None else f", {peer.name}: {ratio(peer):.2f}"
+        print(f"{name}: {ratio(ours):.2f} forwards per call (median per round){theirs}")
+    print()
+
+
+def _measure(
+    title: str, model: nn.Module, x: torch.Tensor, pairs: dict[str, tuple[Callable, str, Callable | None]],
+    args: argparse.Namespace, device: torch.device,
+) -> None:  # fmt: skip
+    """Time each (ours, peer) pair beside one forward of ``model`` on ``x``, in the same rounds."""
+    listed, made = [timing.inference(model, x)], {}
+    for name, (ours, peer_name, peer) in pairs.items():
+        mine = Contender(f"gradcam {name}", ours)
+        theirs = None if peer is None else Contender(peer_name, peer)
+        listed += [mine] + ([theirs] if theirs else [])
+        made[name] = (mine, theirs)
+    print(f"{title}: batch {'x'.join(map(str, x.shape))}")
+    timing.measure(listed, args, device, started=time.perf_counter())
+    _report(listed, made)
+
+
+def _optional(make: Callable[[], Callable]) -> Callable | None:
+    try:
+        return make()
+    except ImportError:
+        return None
+
+
+def _more_cnn(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[Callable, str, Callable | None]]:
+    smooth = methods.get("smoothgradcam++")(model, "layer4", samples=4, std=0.3)
+    dff = registry.get("dff").build(model, "layer4", concepts=5)
+
+    def torchcam_smooth() -> Callable:
+        from torchcam.methods import SmoothGradCAMpp
+
+        def call() -> object:
+            with SmoothGradCAMpp(
+                model, "layer4", num_samples=4, std=0.3, input_shape=tuple(x.shape[1:])
+            ) as cam:
+                scores = model(x)
+                return cam(class_idx=scores.argmax(dim=1).tolist(), scores=scores)
+
+        return call
+
+    def pgc_dff() -> Callable:
+        from pytorch_grad_cam import DeepFeatureFactorization
+
+        return lambda: DeepFeatureFactorization(model, model.layer4)(x, n_components=5)
+
+    return {
+        "smoothgradcam++": (lambda: smooth(x), "torchcam SmoothGradCAMpp", _optional(torchcam_smooth)),
+        "dff": (lambda: dff(x), "pgc DeepFeatureFactorization", _optional(pgc_dff)),
+    }
+
+
+def _score_variants(model: nn.Module, x: torch.Tensor) -> dict[str, tuple[Callable, str, Callable | None]]:
+    def torchcam(kind: str, **options: object) -> Callable:
+        import torchcam.methods as tc
+
+        def call() -> object:
+            with getattr(tc, kind)(model, "layer4", input_shape=tuple(x.shape[1:]), **options) as cam:
+                with torch.no_grad():
+                    scores = model(x)
+                return cam(class_idx=scores.argmax(dim=1).tolist(), scores=scores)
+
+        return call
+
+    ss = methods.get("sscam")(model, "layer4", samples=2)
+    integrated = methods.get("iscam")(model, "layer4", samples=2)
+    return {
+        "sscam": (lambda: ss(x), "torchcam SSCAM", _optional(lambda: torchcam("SSCAM", num_samples=2))),
+        "iscam": (
+            lambda: integrated(x),
+            "torchcam ISCAM",
+            _optional(lambda: torchcam("ISCAM", num_samples=2)),
+        ),
+    }
+
+
+def _vit(device: torch.device, batch: int) -> tuple[nn.Module, torch.Tensor, dict]:
+    shape = {"image_size": 224, "patch_size": 16, "num_layers": 6, "num_heads": 6, "hidden_dim": 384}
+    model = torchvision.models.VisionTransformer(**shape, mlp_dim=1536, num_classes=1000).eval().to(device)
+    x = torch.randn(batch, 3, 224, 224, device=device)
+    ours = methods.get("legrad")(model)
+
+    def torchcam_legrad() -> Callable:
+        from torchcam.methods import LeGrad
+
+        def head(tokens: torch.Tensor) -> torch.Tensor:
+            return model.heads(model.encoder.ln(tokens)[:, 0])
+
+        def call() -> object:
+            with LeGrad(model, list(model.encoder.layers), score_projection=head) as cam:
+                scores = model(x)
+                return cam(scores.argmax(dim=1).tolist(), normalized=False)
+
+        return call
+
+    return model, x, {"legrad": (lambda: ours(x), "torchcam LeGrad", _optional(torchcam_legrad))}
+
+
 def main() -> None:
     started = time.perf_counter()
     args = parse_args()
@@ -111,20 +229,21 @@ def main() -> None:
     listed, pairs = contenders(model, x)
     print(f"{args.model}: batch {args.batch}x3x{args.size}x{args.size}, layer layer4")
     timing.measure(listed, args, device, started=started)
-    base = listed[0].times
-
-    def ratio(contender: Contender) -> float:
-        return statistics.median(t / b for t, b in zip(contender.times, base, strict=True))
-
-    for name, (ours, peer) in pairs.items():
-        theirs = "" if peer is None else f", {peer.name}: {ratio(peer):.2f}"
-        print(f"{name}: {ratio(ours):.2f} forwards per call (median per round){theirs}")
+    _report(listed, pairs)
+    _measure(f"{args.model}, noise and concepts", model, x, _more_cnn(model, x), args, device)
+    small = torch.randn(1, 3, args.score_size, args.score_size, device=device)
+    _measure(
+        f"{args.model}, slow Score-CAM variants", model, small, _score_variants(model, small), args, device
+    )
+    vit, tokens, legrad = _vit(device, args.batch)
+    _measure("torchvision VisionTransformer (6 layers, width 384)", vit, tokens, legrad, args, device)
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     timing.add_shape_options(parser, rounds=7, warmup=1, batch=4)
     parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--score-size", type=int, default=64, help="input size of the slow Score-CAM part")
     timing.add_run_options(parser, device=True, budget=240.0)
     return timing.check_options(parser, parser.parse_args())
 
