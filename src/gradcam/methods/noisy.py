@@ -19,9 +19,9 @@ from torch import nn
 from gradcam.capture import capture
 from gradcam.errors import GradCAMError
 from gradcam.layouts import Layout, LayoutSpec
-from gradcam.methods.base import Inputs, LayersSpec, MapContext
+from gradcam.methods.base import Inputs, LayersSpec
 from gradcam.methods.gradient import GradCAMPlusPlus
-from gradcam.methods.score import Progress, ScoreCAM, _non_constant, _normalised_masks
+from gradcam.methods.score import Progress, ScoreCAM
 from gradcam.targets.rows import Rows
 
 
@@ -164,7 +164,8 @@ class SmoothGradCAMpp(GradCAMPlusPlus):
 
 
 class _SampledScoreCAM(ScoreCAM):
-    """Score-CAM with each channel's score averaged over ``samples`` perturbed masks."""
+    """Score-CAM with each channel's score averaged over ``samples`` perturbed masks (the loop is
+    :meth:`ScoreCAM.scored_weights`; a variant says how sample s of the masks is made)."""
 
     def __init__(
         self,
@@ -179,45 +180,8 @@ class _SampledScoreCAM(ScoreCAM):
         super().__init__(model, layer, batch_size=batch_size, progress=progress, layout=layout)
         self.samples = _check_samples(samples)
 
-    def _noise(self, generator: torch.Generator | None, shape: tuple[int, ...]) -> torch.Tensor | None:
-        """One sample's noise for an image's live channels (n,1,H,W); None for a noise-free method."""
-        return None
-
     def _sample_masks(self, masks: torch.Tensor, sample: int, noise: torch.Tensor | None) -> torch.Tensor:
-        """Sample ``sample`` (0-based) of the masks (n,1,H,W); ``noise`` is that sample's rows for them."""
         raise NotImplementedError
-
-    def _new_generator(self) -> torch.Generator | None:
-        return None
-
-    def scored_weights(self, activations: torch.Tensor, context: MapContext) -> torch.Tensor:
-        model, x, rows = context.model, context.inputs, context.rows
-        assert isinstance(x, torch.Tensor) and rows is not None
-        if x.dim() != 4:
-            raise GradCAMError(
-                f"{self.method} masks (B,C,H,W) images; for clips use Grad-CAM or Ablation-CAM"
-            )
-        size = (x.shape[2], x.shape[3])
-        baseline = model(torch.zeros_like(x[:1]))
-        weights = activations.new_zeros(context.targets.shape[0], *activations.shape[:2])
-        live = _non_constant(activations)
-        chunks = self._chunks(live)
-        advance = self._advance(sum(map(len, chunks)) * self.samples)
-        generator = self._new_generator()
-        for index, image_chunks in enumerate(chunks):
-            base = rows.image_scores(index, baseline, probability=True)  # (1, n)
-            for sample in range(self.samples):
-                noise = self._noise(generator, (len(live[index]), 1, *size))
-                start = 0
-                for channels in image_chunks:
-                    masks = _normalised_masks(activations[index, channels], size).to(x.dtype)
-                    rows_noise = None if noise is None else noise[start : start + len(channels)]
-                    masks = self._sample_masks(masks, sample, rows_noise)
-                    masked = rows.image_scores(index, model(x[index : index + 1] * masks), probability=True)
-                    weights[:, index, channels] += (masked - base).T.to(weights.dtype) / self.samples
-                    start += len(channels)
-                    advance()
-        return weights
 
 
 class SSCAM(_SampledScoreCAM):

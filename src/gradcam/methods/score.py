@@ -168,6 +168,21 @@ class ScoreCAM(_ChunkedCAM):
     """
 
     method = "scorecam"
+    #: Masks scored per channel (the variants in :mod:`gradcam.methods.noisy` average several).
+    samples = 1
+
+    def _new_generator(self) -> torch.Generator | None:
+        """The call's generator of noise (None: the method draws none)."""
+        return None
+
+    def _noise(self, generator: torch.Generator | None, shape: tuple[int, ...]) -> torch.Tensor | None:
+        """One sample's noise for an image's live channels (n,1,H,W); None for a noise-free method."""
+        return None
+
+    def _sample_masks(self, masks: torch.Tensor, sample: int, noise: torch.Tensor | None) -> torch.Tensor:
+        """Sample ``sample`` (0-based) of the masks (n,1,H,W); ``noise`` is that sample's rows for them.
+        Score-CAM's one sample is the masks themselves."""
+        return masks
 
     def scored_weights(self, activations: torch.Tensor, context: MapContext) -> torch.Tensor:
         model, x, rows = context.model, context.inputs, context.rows
@@ -179,15 +194,23 @@ class ScoreCAM(_ChunkedCAM):
         size = (x.shape[2], x.shape[3])
         baseline = model(torch.zeros_like(x[:1]))
         weights = activations.new_zeros(context.targets.shape[0], *activations.shape[:2])
-        chunks = self._chunks(_non_constant(activations))
-        advance = self._advance(sum(map(len, chunks)))
+        live = _non_constant(activations)
+        chunks = self._chunks(live)
+        advance = self._advance(sum(map(len, chunks)) * self.samples)
+        generator = self._new_generator()
         for index, image_chunks in enumerate(chunks):
             base = rows.image_scores(index, baseline, probability=True)  # (1, n)
-            for channels in image_chunks:
-                masks = _normalised_masks(activations[index, channels], size).to(x.dtype)
-                masked = rows.image_scores(index, model(x[index : index + 1] * masks), probability=True)
-                weights[:, index, channels] = (masked - base).T.to(weights.dtype)  # (n, chunk)
-                advance()
+            for sample in range(self.samples):
+                noise = self._noise(generator, (len(live[index]), 1, *size))
+                start = 0
+                for channels in image_chunks:
+                    masks = _normalised_masks(activations[index, channels], size).to(x.dtype)
+                    own = None if noise is None else noise[start : start + len(channels)]
+                    masks = self._sample_masks(masks, sample, own)
+                    masked = rows.image_scores(index, model(x[index : index + 1] * masks), probability=True)
+                    weights[:, index, channels] += (masked - base).T.to(weights.dtype) / self.samples
+                    start += len(channels)
+                    advance()
         return weights
 
 
