@@ -51,9 +51,8 @@ from gradcam.errors import GradCAMError
 from gradcam.explanation import Explanation
 from gradcam.layouts import MAX_DERIVED_PREFIX, ModelFacts, model_facts
 from gradcam.methods.base import (
-    CAM,
     Chooser,
-    LayersSpec,
+    WholeModelCAM,
     _check_device,
     _check_inputs,
     _check_not_inference,
@@ -130,33 +129,12 @@ def _identity(like: torch.Tensor, leading: Sequence[int]) -> torch.Tensor:
     return eye.expand(*leading, tokens, tokens).clone()
 
 
-class _AttentionMethod(CAM):
+class _AttentionMethod(WholeModelCAM):
     """Shared call of the attention methods: the CAM call signature and Explanation, every block at once."""
 
     method = "attention"
-    explains_layer = False
-
-    def __init__(
-        self,
-        model: nn.Module,
-        layer: LayersSpec = None,
-        *,
-        counterfactual: bool = False,
-        layout: object = None,
-    ) -> None:
-        if layer is not None:
-            shown = layer if isinstance(layer, str) else type(layer).__name__
-            raise GradCAMError(
-                f"{self.method} uses every attention block of the model, not one layer; "
-                f"pass layer=None (got {shown!r})"
-            )
-        if counterfactual:
-            raise GradCAMError(f"{self.method} has no counterfactual map; use a gradient CAM method")
-        if layout is not None:
-            raise GradCAMError(
-                f"{self.method} places the tokens on the model's patch grid itself; layout does not apply"
-            )
-        super().__init__(model)
+    reads = "every attention block of the model"
+    why_no_layout = "places the tokens on the model's patch grid itself; layout does not apply"
 
     def explain_rows(
         self,

@@ -534,6 +534,36 @@ def _is_function(targets: object) -> bool:
     return callable(targets) and not isinstance(targets, (torch.Tensor, str))
 
 
+class WholeModelCAM(CAM):
+    """Base of the methods that read the whole model rather than one layer (the attention methods,
+    FullGrad): they take no ``layer``, ``counterfactual`` or ``layout``, and refuse each in one line saying
+    why (``reads``, ``why_no_counterfactual``, ``why_no_layout``, after the method's name)."""
+
+    explains_layer = False
+    reads = "the whole model"
+    why_no_counterfactual = "has no counterfactual map; use a gradient CAM method"
+    why_no_layout = "reads the model's own outputs; layout does not apply"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layer: LayersSpec = None,
+        *,
+        counterfactual: bool = False,
+        layout: object = None,
+    ) -> None:
+        if layer is not None:
+            shown = layer if isinstance(layer, str) else type(layer).__name__
+            raise GradCAMError(
+                f"{self.method} uses {self.reads}, not one layer; pass layer=None (got {shown!r})"
+            )
+        if counterfactual:
+            raise GradCAMError(f"{self.method} {self.why_no_counterfactual}")
+        if layout is not None:
+            raise GradCAMError(f"{self.method} {self.why_no_layout}")
+        super().__init__(model)
+
+
 def _call_chooser(targets: object, topk: int | None, batch: int) -> tuple[Chooser, bool]:
     """The chooser of a CAM call's ``targets``, and whether the result is one row per image (B,)."""
     functions = isinstance(targets, (list, tuple)) and bool(targets) and all(map(_is_function, targets))

@@ -45,9 +45,8 @@ from gradcam.capture import eval_mode
 from gradcam.errors import GradCAMError
 from gradcam.explanation import Explanation, upsample
 from gradcam.methods.base import (
-    CAM,
     Chooser,
-    LayersSpec,
+    WholeModelCAM,
     _call_chooser,
     _check_device,
     _check_inputs,
@@ -202,7 +201,7 @@ _NO_GRADIENT = (
 )
 
 
-class FullGrad(CAM):
+class FullGrad(WholeModelCAM):
     r"""FullGrad (Srinivas & Fleuret, "Full-Gradient Representation for Neural Network Visualization",
     NeurIPS 2019).
 
@@ -228,29 +227,9 @@ class FullGrad(CAM):
     """
 
     method = "fullgrad"
-    explains_layer = False
-
-    def __init__(
-        self,
-        model: nn.Module,
-        layer: LayersSpec = None,
-        *,
-        counterfactual: bool = False,
-        layout: object = None,
-    ) -> None:
-        if layer is not None:
-            shown = layer if isinstance(layer, str) else type(layer).__name__
-            raise GradCAMError(
-                f"fullgrad uses the input and every biased layer of the model, not one layer; "
-                f"pass layer=None (got {shown!r})"
-            )
-        if counterfactual:
-            raise GradCAMError("fullgrad takes absolute values, so its counterfactual map is the map itself")
-        if layout is not None:
-            raise GradCAMError(
-                "fullgrad reads convolution and batch-norm outputs as they are; layout does not apply"
-            )
-        super().__init__(model)
+    reads = "the input and every biased layer of the model"
+    why_no_counterfactual = "takes absolute values, so its counterfactual map is the map itself"
+    why_no_layout = "reads convolution and batch-norm outputs as they are; layout does not apply"
 
     def explain_rows(
         self,
